@@ -1,0 +1,131 @@
+"""Configuration of LayAlign: a frozen multilingual encoder fused layer by layer into a frozen LLM."""
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+FUSION_STRUCTURES = ("linear", "mlp")
+CHECKPOINT_FORMATS = ("layalign_only", "full")
+
+
+class LayAlignConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`LayAlignForCausalLM`]: which encoder and LLM it joins, which of their layers take part,
+    and which parts train.
+
+    Args:
+        encoder_config (`dict` or `PretrainedConfig`, *optional*):
+            Config of the multilingual encoder (mT5 / T5 / umT5, XLM-R / BERT-style, NLLB / M2M100, or a decoder-only
+            LM whose hidden states serve as encodings). Defaults to a default `MT5Config`.
+        text_config (`dict` or `PretrainedConfig`, *optional*):
+            Config of the English-centric LLM (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3). Defaults to a default
+            `LlamaConfig`. Named `text_config` because generation utilities look the LLM's config up under that name.
+        encoder_name_or_path (`str`, *optional*):
+            Hub id or folder the encoder's weights come from. A LayAlign-only checkpoint loads them from here.
+        llm_name_or_path (`str`, *optional*):
+            Hub id or folder the LLM's weights come from. A LayAlign-only checkpoint loads them from here.
+        fused_encoder_layers (`list[int]`, *optional*):
+            Indices into the encoder's hidden states (0 is the embedding output, `N` the final output of an `N`-layer
+            encoder) that the layer-wise fusion mixes. Defaults to `0..N-1`, every state except the final output, as
+            in the paper; the final output feeds the input mapping.
+        adapted_llm_layers (`list[int]`, *optional*):
+            Indices of the LLM layers that get the gated fusion-enhanced attention. Defaults to all of them.
+        fusion_structure (`str`, *optional*, defaults to `"linear"`):
+            `"linear"`: layer-axis `Linear(N_enc, 2M)`, ReLU, shared `Linear(d_enc, d_llm)`. `"mlp"` adds a ReLU and a
+            `Linear(d_llm, d_llm)` after that.
+        use_input_mapping (`bool`, *optional*, defaults to `True`):
+            Put the mapped final encoder states and the learned boundary vector in front of the LLM input. Off: the
+            LLM input is `[BOS, text]` and the encoder reaches the LLM through the fused attention alone.
+        use_layer_fusion (`bool`, *optional*, defaults to `True`):
+            Give the adapted LLM layers the gated fusion-enhanced attention. Off: the model is exactly MindMerger.
+        train_encoder (`bool`, *optional*, defaults to `False`):
+            Whether the encoder's weights are trainable. Frozen in both of the paper's stages.
+        train_llm (`bool`, *optional*, defaults to `False`):
+            Whether the LLM's weights are trainable (full fine-tuning; for LoRA keep this off and use peft).
+        encoder_dropout_in_training (`bool`, *optional*, defaults to `True`):
+            Keep the encoder's dropout active while the model is in training mode, even when the encoder is frozen,
+            as the reference implementation does. Off: the encoder always runs in eval mode.
+        checkpoint_format (`str`, *optional*):
+            Written by `save_pretrained`: `"layalign_only"` when the checkpoint holds only the LayAlign modules (the
+            base weights load from `encoder_name_or_path` / `llm_name_or_path`), `"full"` when it holds everything.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialisation of the LayAlign linear layers.
+    """
+
+    model_type = "layalign"
+    sub_configs_defaults = {
+        "encoder_config": SubConfigSpec(AutoConfig, model_type="mt5"),
+        "text_config": SubConfigSpec(AutoConfig, model_type="llama"),
+    }
+
+    encoder_config: dict | PretrainedConfig | None = None
+    text_config: dict | PretrainedConfig | None = None
+    encoder_name_or_path: str | None = None
+    llm_name_or_path: str | None = None
+    fused_encoder_layers: list[int] | None = None
+    adapted_llm_layers: list[int] | None = None
+    fusion_structure: str = "linear"
+    use_input_mapping: bool = True
+    use_layer_fusion: bool = True
+    train_encoder: bool = False
+    train_llm: bool = False
+    encoder_dropout_in_training: bool = True
+    checkpoint_format: str | None = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.fused_encoder_layers is None:
+            self.fused_encoder_layers = list(range(self.encoder_config.num_hidden_layers))
+        if self.adapted_llm_layers is None:
+            self.adapted_llm_layers = list(range(self.text_config.num_hidden_layers))
+        self.fused_encoder_layers = _checked_layer_list(
+            "fused_encoder_layers", self.fused_encoder_layers, self.encoder_config.num_hidden_layers + 1
+        )
+        self.adapted_llm_layers = _checked_layer_list(
+            "adapted_llm_layers", self.adapted_llm_layers, self.text_config.num_hidden_layers
+        )
+        if self.fusion_structure not in FUSION_STRUCTURES:
+            raise ValueError(f"`fusion_structure` must be one of {FUSION_STRUCTURES}, got {self.fusion_structure!r}.")
+        if self.checkpoint_format is not None and self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(
+                f"`checkpoint_format` must be one of {CHECKPOINT_FORMATS} or None, got {self.checkpoint_format!r}."
+            )
+        for name in (
+            "use_input_mapping",
+            "use_layer_fusion",
+            "train_encoder",
+            "train_llm",
+            "encoder_dropout_in_training",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
+        if not (self.use_input_mapping or self.use_layer_fusion):
+            raise ValueError(
+                "At least one of `use_input_mapping` and `use_layer_fusion` must be True, or the encoder is unused."
+            )
+
+
+def _checked_layer_list(name: str, layers, num_layers: int) -> list[int]:
+    """Returns `layers` as a sorted list of distinct ints in `[0, num_layers)`, or raises a `ValueError` naming `name`."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise ValueError(f"`{name}` must be a list of layer indices, got {layers!r}.")
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"`{name}` must name at least one layer, got an empty list.")
+    for index in layers:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise ValueError(f"`{name}` must hold ints, got {index!r}.")
+        if not 0 <= index < num_layers:
+            raise ValueError(f"`{name}` holds {index}, outside the valid range 0..{num_layers - 1}.")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"`{name}` names a layer twice: {layers}.")
+    return sorted(layers)
+
+
+LayAlignConfig.register_for_auto_class()
+
+__all__ = ["LayAlignConfig"]

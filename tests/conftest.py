@@ -1,0 +1,122 @@
+"""Tiny random models built from configs (width 32, two layers), as transformers' own tests build them."""
+
+import os
+
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    M2M100Config,
+    MistralConfig,
+    MT5Config,
+    Qwen2Config,
+    Qwen3Config,
+    XLMRobertaConfig,
+)
+
+from modeling_layalign import LayAlignConfig, LayAlignForCausalLM  # noqa: E402
+
+
+LLM_VOCAB = 128
+ENCODER_VOCAB = 96
+LLM_PAD = 0
+_ATTENTION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+_LLM_TOKENS = dict(vocab_size=LLM_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=LLM_PAD)
+
+LLM_CONFIGS = {
+    "llama": lambda: LlamaConfig(**_ATTENTION, **_LLM_TOKENS),
+    "mistral": lambda: MistralConfig(**_ATTENTION, **_LLM_TOKENS, sliding_window=4),
+    "qwen2": lambda: Qwen2Config(**_ATTENTION, **{**_LLM_TOKENS, "bos_token_id": None}),
+    "qwen3": lambda: Qwen3Config(**_ATTENTION, **_LLM_TOKENS, head_dim=8),
+    "gemma2": lambda: Gemma2Config(
+        **_ATTENTION, **_LLM_TOKENS, head_dim=8, query_pre_attn_scalar=16, sliding_window=4, attn_logit_softcapping=5.0
+    ),
+    "gemma3_text": lambda: Gemma3TextConfig(
+        **_ATTENTION,
+        **_LLM_TOKENS,
+        head_dim=8,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+}
+
+ENCODER_CONFIGS = {
+    "mt5": lambda: MT5Config(vocab_size=ENCODER_VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
+    "xlm-roberta": lambda: XLMRobertaConfig(
+        vocab_size=ENCODER_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    ),
+    "m2m_100": lambda: M2M100Config(
+        vocab_size=ENCODER_VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+    ),
+    "qwen2": lambda: Qwen2Config(
+        vocab_size=ENCODER_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+}
+
+
+def tiny_config(llm: str = "llama", encoder: str = "mt5", **config_kwargs) -> LayAlignConfig:
+    return LayAlignConfig(encoder_config=ENCODER_CONFIGS[encoder](), text_config=LLM_CONFIGS[llm](), **config_kwargs)
+
+
+def tiny_model(llm: str = "llama", encoder: str = "mt5", seed: int = 0, **config_kwargs) -> LayAlignForCausalLM:
+    """A tiny LayAlign model in eval mode.
+
+    The mapping, boundary and fusion get weights large enough for every LayAlign part to show in the output (the
+    default initialisation is tuned for real widths); the gates keep their initial zeros.
+    """
+    torch.manual_seed(seed)
+    model = LayAlignForCausalLM(tiny_config(llm, encoder, **config_kwargs)).eval()
+    with torch.no_grad():
+        for name in ("input_mapping", "boundary", "fusion"):
+            if (module := getattr(model, name)) is not None:
+                for parameter in module.parameters():
+                    parameter.normal_(std=0.3)
+    return model
+
+
+def set_gates(model: LayAlignForCausalLM, value: float) -> None:
+    with torch.no_grad():
+        for gate in model.gates.values():
+            gate.gate.fill_(value)
+
+
+def encoder_pad_id(model: LayAlignForCausalLM) -> int:
+    pad = model.config.encoder_config.pad_token_id
+    return 0 if pad is None else pad
+
+
+def random_ids(lengths, vocab: int, generator: torch.Generator) -> list[list[int]]:
+    """Token ids that avoid the low special ids (pad, bos, eos, unk)."""
+    return [torch.randint(4, vocab, (length,), generator=generator).tolist() for length in lengths]
+
+
+def pad(sequences: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pads token lists to one length on `side`; returns `(ids, attention_mask)`."""
+    width = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        span = slice(width - len(sequence), width) if side == "left" else slice(0, len(sequence))
+        ids[row, span] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)

@@ -1,0 +1,294 @@
+"""Saving and loading `LayAlignForCausalLM`: both checkpoint forms, remote code, the Hub, interrupted saves."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoModelForCausalLM,
+    M2M100ForConditionalGeneration,
+    MT5ForConditionalGeneration,
+    XLMRobertaModel,
+)
+
+from modeling_layalign import LayAlignForCausalLM
+
+from .conftest import ENCODER_CONFIGS, LLM_CONFIGS, LLM_PAD, LLM_VOCAB, ENCODER_VOCAB, pad, random_ids, set_gates, tiny_model
+
+
+ENCODER_CHECKPOINT_CLASSES = {
+    "mt5": MT5ForConditionalGeneration,
+    "m2m_100": M2M100ForConditionalGeneration,
+    "xlm-roberta": XLMRobertaModel,
+    "qwen2": AutoModelForCausalLM,
+}
+
+
+def save_base(tmp_path: Path, kind: str, name: str, seed: int = 0) -> str:
+    """Saves a tiny random base model the way it is published (mT5 and NLLB as full seq2seq models)."""
+    torch.manual_seed(seed)
+    folder = tmp_path / name
+    if kind == "llm":
+        model = AutoModelForCausalLM.from_config(LLM_CONFIGS[name]())
+    else:
+        model_class = ENCODER_CHECKPOINT_CLASSES[name]
+        config = ENCODER_CONFIGS[name]()
+        model = model_class.from_config(config) if model_class is AutoModelForCausalLM else model_class(config)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def trained_model(tmp_path: Path, encoder: str = "mt5", llm: str = "llama") -> LayAlignForCausalLM:
+    """A model built from two saved bases whose LayAlign weights are no longer at their initial values."""
+    model = LayAlignForCausalLM.from_base_models(save_base(tmp_path, "encoder", encoder), save_base(tmp_path, "llm", llm))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name in model.layalign_module_names:
+            for parameter in getattr(model, name).parameters():
+                parameter.normal_(std=0.3)
+    return model.eval()
+
+
+def sample_inputs(pad_id: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(5)
+    encoder_input_ids, encoder_attention_mask = pad(random_ids((6, 4), ENCODER_VOCAB, generator), pad_id)
+    input_ids, attention_mask = pad(random_ids((3, 5), LLM_VOCAB, generator), LLM_PAD, "left")
+    return dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        encoder_input_ids=encoder_input_ids,
+        encoder_attention_mask=encoder_attention_mask,
+    )
+
+
+def logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def weight_names(folder: Path) -> list[str]:
+    with safe_open(folder / "model.safetensors", framework="pt") as handle:
+        return list(handle.keys())
+
+
+@pytest.mark.parametrize("encoder,llm", [("mt5", "llama"), ("m2m_100", "qwen3"), ("xlm-roberta", "gemma3_text"), ("qwen2", "mistral")])
+def test_layalign_only_checkpoint_round_trip(tmp_path, encoder, llm):
+    model = trained_model(tmp_path, encoder, llm)
+    inputs = sample_inputs(model.config.encoder_config.pad_token_id or 0)
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path / "layalign")
+
+    saved = tmp_path / "layalign"
+    assert {"config.json", "generation_config.json", "model.safetensors", "modeling_layalign.py", "configuration_layalign.py"} <= {
+        path.name for path in saved.iterdir()
+    }
+    names = weight_names(saved)
+    assert names and all(model.is_layalign_key(name) for name in names)
+    assert len(names) == len([key for key in model.state_dict() if model.is_layalign_key(key)])
+    config = json.loads((saved / "config.json").read_text())
+    assert config["checkpoint_format"] == "layalign_only"
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_layalign.LayAlignConfig",
+        "AutoModel": "modeling_layalign.LayAlignForCausalLM",
+        "AutoModelForCausalLM": "modeling_layalign.LayAlignForCausalLM",
+    }
+    for loader in (LayAlignForCausalLM, AutoModelForCausalLM):
+        reloaded = loader.from_pretrained(saved)
+        assert type(reloaded) is LayAlignForCausalLM
+        assert not reloaded.training
+        assert (logits(reloaded, inputs) - expected).abs().max().item() == 0.0
+
+
+def test_full_checkpoint_round_trip(tmp_path):
+    model = trained_model(tmp_path, "mt5", "qwen2")
+    inputs = sample_inputs()
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path / "full", checkpoint_format="full")
+    names = weight_names(tmp_path / "full")
+    assert any(name.startswith("llm.") for name in names) and any(name.startswith("encoder.") for name in names)
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["checkpoint_format"] == "full"
+    # The bases' own folders are not needed any more.
+    for base in ("mt5", "qwen2"):
+        for file in (tmp_path / base).iterdir():
+            file.unlink()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    assert (logits(reloaded, inputs) - expected).abs().max().item() == 0.0
+
+
+def test_model_built_from_configs_saves_in_full(tmp_path):
+    model = tiny_model(llm="gemma2")
+    set_gates(model, 0.3)
+    assert model.default_checkpoint_format() == "full"
+    with pytest.raises(ValueError, match="encoder_name_or_path"):
+        model.save_pretrained(tmp_path / "nope", checkpoint_format="layalign_only")
+    inputs = sample_inputs()
+    model.save_pretrained(tmp_path / "full")
+    reloaded = LayAlignForCausalLM.from_pretrained(tmp_path / "full")
+    assert (logits(reloaded, inputs) - logits(model, inputs)).abs().max().item() == 0.0
+    assert all(gate.gate.item() == pytest.approx(0.3) for gate in reloaded.gates.values())
+
+
+def test_tied_llm_embeddings_survive_a_full_round_trip(tmp_path):
+    torch.manual_seed(0)
+    llm = AutoModelForCausalLM.from_config(LLM_CONFIGS["llama"]().__class__(**{**LLM_CONFIGS["llama"]().to_dict(), "tie_word_embeddings": True}))
+    encoder_folder = save_base(tmp_path, "encoder", "mt5")
+    model = LayAlignForCausalLM.from_base_models(encoder_folder, llm)
+    assert model.llm.get_output_embeddings().weight is model.llm.get_input_embeddings().weight
+    inputs = sample_inputs()
+    model.save_pretrained(tmp_path / "full")
+    reloaded = LayAlignForCausalLM.from_pretrained(tmp_path / "full")
+    assert reloaded.llm.get_output_embeddings().weight is reloaded.llm.get_input_embeddings().weight
+    assert (logits(reloaded, inputs) - logits(model, inputs)).abs().max().item() == 0.0
+
+
+def test_trainer_style_save_with_a_state_dict_is_filtered(tmp_path):
+    model = trained_model(tmp_path)
+    model.save_pretrained(tmp_path / "checkpoint-1", state_dict=model.state_dict())
+    assert all(model.is_layalign_key(name) for name in weight_names(tmp_path / "checkpoint-1"))
+
+
+def test_loaded_bases_keep_the_requested_dtype(tmp_path):
+    model = LayAlignForCausalLM.from_base_models(
+        save_base(tmp_path, "encoder", "mt5"),
+        save_base(tmp_path, "llm", "llama"),
+        encoder_kwargs={"dtype": torch.bfloat16},
+        llm_kwargs={"dtype": torch.bfloat16},
+    )
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    model.save_pretrained(tmp_path / "bf16")
+    reloaded = LayAlignForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert reloaded.fusion.projection.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(reloaded.fusion.projection.weight, model.fusion.projection.weight, atol=0, rtol=0)
+
+
+def test_a_checkpoint_missing_a_layalign_weight_fails_loudly(tmp_path):
+    model = trained_model(tmp_path)
+    model.save_pretrained(tmp_path / "layalign")
+    weights = load_file(tmp_path / "layalign" / "model.safetensors")
+    del weights["boundary.embedding"]
+    save_file(weights, tmp_path / "layalign" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing \\['boundary.embedding'\\]"):
+        LayAlignForCausalLM.from_pretrained(tmp_path / "layalign")
+
+
+def test_a_changed_base_model_fails_loudly(tmp_path):
+    model = trained_model(tmp_path)
+    model.save_pretrained(tmp_path / "layalign")
+    wider = LLM_CONFIGS["llama"]()
+    wider.hidden_size, wider.intermediate_size = 64, 128
+    AutoModelForCausalLM.from_config(wider).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match="llm_name_or_path.*hidden_size=64"):
+        LayAlignForCausalLM.from_pretrained(tmp_path / "layalign")
+
+
+def _failing_save(*args, **kwargs):
+    raise OSError("disk full")
+
+
+def test_an_interrupted_save_never_leaves_a_loadable_half_checkpoint(tmp_path, monkeypatch):
+    model = trained_model(tmp_path)
+    inputs = sample_inputs()
+    model.save_pretrained(tmp_path / "checkpoint")
+    before = logits(LayAlignForCausalLM.from_pretrained(tmp_path / "checkpoint"), inputs)
+
+    set_gates(model, 5.0)
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", _failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path / "checkpoint")
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path / "fresh")
+
+    after = logits(LayAlignForCausalLM.from_pretrained(tmp_path / "checkpoint"), inputs)
+    assert torch.equal(before, after)
+    assert not (tmp_path / "fresh" / "config.json").exists()
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
+
+
+def test_resaving_over_a_full_checkpoint_removes_its_old_weights(tmp_path):
+    model = trained_model(tmp_path)
+    model.save_pretrained(tmp_path / "checkpoint", checkpoint_format="full", max_shard_size="20KB")
+    assert (tmp_path / "checkpoint" / "model.safetensors.index.json").exists()
+    model.save_pretrained(tmp_path / "checkpoint")
+    assert sorted(path.name for path in (tmp_path / "checkpoint").iterdir() if "safetensors" in path.name) == [
+        "model.safetensors"
+    ]
+    LayAlignForCausalLM.from_pretrained(tmp_path / "checkpoint")
+
+
+REMOTE_LOAD_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    sys.modules["modeling_layalign"] = None  # the package is not importable in this process
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    inputs = torch.load(sys.argv[2], weights_only=True)
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+    with torch.no_grad():
+        torch.save(model(**inputs).logits, sys.argv[3])
+    """
+)
+
+
+@pytest.mark.parametrize("checkpoint_format", ["layalign_only", "full"])
+def test_remote_code_loads_without_the_package(tmp_path, checkpoint_format):
+    model = trained_model(tmp_path)
+    inputs = sample_inputs()
+    model.save_pretrained(tmp_path / "saved", checkpoint_format=checkpoint_format)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    (tmp_path / "load.py").write_text(REMOTE_LOAD_SCRIPT)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    subprocess.run(
+        [sys.executable, "load.py", str(tmp_path / "saved"), "inputs.pt", "logits.pt"],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    remote = torch.load(tmp_path / "logits.pt", weights_only=True)
+    assert (remote - logits(model, inputs)).abs().max().item() == 0.0
+
+
+class FakeHub:
+    """Stands in for the Hub API that `push_to_hub` calls: keeps the committed files in memory."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.repos: list[str] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.repos.append(repo_id)
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for operation in operations:
+            self.files[operation.path_in_repo] = Path(operation.path_or_fileobj).read_bytes()
+
+    def download_to(self, folder: Path) -> Path:
+        folder.mkdir()
+        for name, content in self.files.items():
+            (folder / name).write_bytes(content)
+        return folder
+
+
+def test_push_to_hub_uploads_a_loadable_checkpoint(tmp_path, monkeypatch):
+    hub = FakeHub()
+    monkeypatch.setattr("transformers.utils.hub.hf_api", lambda: hub)
+    model = trained_model(tmp_path)
+    model.push_to_hub("someone/layalign-tiny")
+    assert hub.repos == ["someone/layalign-tiny"]
+    assert {"config.json", "model.safetensors", "modeling_layalign.py", "configuration_layalign.py"} <= set(hub.files)
+    reloaded = AutoModelForCausalLM.from_pretrained(hub.download_to(tmp_path / "hub"), trust_remote_code=True)
+    inputs = sample_inputs()
+    assert (logits(reloaded, inputs) - logits(model, inputs)).abs().max().item() == 0.0
