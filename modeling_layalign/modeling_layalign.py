@@ -499,6 +499,19 @@ class LayAlignForCausalLM(LayAlignPreTrainedModel, GenerationMixin):
             self.encoder.eval()
         return self
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """`PreTrainedModel.activation_checkpointing_enable` (also reached through `gradient_checkpointing_enable`).
+
+        The fused keys and values reach the LLM layers as a keyword argument shared by all of them; reentrant
+        checkpointing cannot differentiate through such inputs, so only the non-reentrant kind (the default) runs.
+        """
+        if (activation_checkpointing_kwargs or {}).get("use_reentrant"):
+            raise ValueError(
+                "LayAlign supports only non-reentrant activation checkpointing: pass `use_reentrant=False` (the "
+                "default) in `gradient_checkpointing_kwargs`."
+            )
+        super().activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+
     def get_input_embeddings(self) -> nn.Module:
         return self.llm.get_input_embeddings()
 

@@ -240,8 +240,9 @@ def test_greedy_generation_follows_the_argmax_of_forward(generator):
     assert predicted.tolist() == generated[:, prompt_len:].tolist()
 
 
-def test_beams_and_return_sequences_stay_with_their_example(generator):
-    model = tiny_model("gemma2")
+@pytest.mark.parametrize("llm,encoder", FAMILY_PAIRS)
+def test_beams_and_return_sequences_stay_with_their_example(llm, encoder, generator):
+    model = tiny_model(llm, encoder)
     set_gates(model, 0.7)
     inputs, sources, texts = make_batch(model, generator, text_side="left")
     settings = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False, eos_token_id=None)
@@ -334,8 +335,9 @@ def test_two_models_in_two_threads_do_not_interfere(generator):
             torch.testing.assert_close(logits, expected[index], atol=0, rtol=0)
 
 
-def test_gradients_reach_exactly_the_layalign_modules(generator):
-    model = tiny_model("qwen3", "xlm-roberta")
+@pytest.mark.parametrize("llm,encoder", FAMILY_PAIRS)
+def test_gradients_reach_exactly_the_layalign_modules(llm, encoder, generator):
+    model = tiny_model(llm, encoder)
     set_gates(model, 0.5)
     model.train()
     inputs, _, _ = make_batch(model, generator)
@@ -348,6 +350,23 @@ def test_gradients_reach_exactly_the_layalign_modules(generator):
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
         else:
             assert parameter.grad is None, name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(generator):
+    model = tiny_model(encoder_dropout_in_training=False)
+    set_gates(model, 0.5)
+    model.train()
+    inputs, _, _ = make_batch(model, generator)
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    expected = {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    assert model.llm.is_gradient_checkpointing
+    model(**inputs, labels=inputs["input_ids"], use_cache=False).loss.backward()
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
 
 
 def test_zero_gates_still_pass_gradient_to_the_gates(generator):
