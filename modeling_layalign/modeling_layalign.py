@@ -864,8 +864,19 @@ class LayAlignForCausalLM(LayAlignPreTrainedModel, GenerationMixin):
         shared = {key: kwargs[key] for key in _SHARED_LOAD_KWARGS if key in kwargs}
         download = {**shared, **{key: file_kwargs[key] for key in ("revision", "subfolder") if key in file_kwargs}}
         weights_file = cached_file(path, SAFE_WEIGHTS_NAME, **download)
+        encoder_kwargs, llm_kwargs = dict(kwargs), dict(kwargs)
+        if isinstance(implementation := kwargs.get("attn_implementation"), dict):
+            # Routed by sub-config name, as `from_pretrained` routes it for a full checkpoint.
+            for base_kwargs, key in ((encoder_kwargs, "encoder_config"), (llm_kwargs, "text_config")):
+                base_kwargs.pop("attn_implementation")
+                if key in implementation:
+                    base_kwargs["attn_implementation"] = implementation[key]
         model = cls.from_base_models(
-            config.encoder_name_or_path, config.llm_name_or_path, config=config, encoder_kwargs=kwargs, llm_kwargs=kwargs
+            config.encoder_name_or_path,
+            config.llm_name_or_path,
+            config=config,
+            encoder_kwargs=encoder_kwargs,
+            llm_kwargs=llm_kwargs,
         )
         model.load_layalign_state_dict(load_state_dict(weights_file))
         generation_file = cached_file(

@@ -168,6 +168,20 @@ def test_loaded_bases_keep_the_requested_dtype(tmp_path):
     torch.testing.assert_close(reloaded.fusion.projection.weight, model.fusion.projection.weight, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("checkpoint_format", ["layalign_only", "full"])
+def test_attention_implementation_is_routed_to_each_base(tmp_path, checkpoint_format):
+    model = trained_model(tmp_path)
+    inputs = sample_inputs()
+    model.save_pretrained(tmp_path / "saved", checkpoint_format=checkpoint_format)
+    reloaded = LayAlignForCausalLM.from_pretrained(
+        tmp_path / "saved", attn_implementation={"encoder_config": "eager", "text_config": "eager"}
+    )
+    assert reloaded.encoder.config._attn_implementation == "eager"
+    assert reloaded.llm.config._attn_implementation == "layalign_eager"
+    real = torch.cat([torch.ones(2, 1), inputs["encoder_attention_mask"], torch.ones(2, 1), inputs["attention_mask"]], 1).bool()
+    torch.testing.assert_close(logits(reloaded, inputs)[real], logits(model, inputs)[real], atol=1e-5, rtol=0)
+
+
 def test_a_checkpoint_missing_a_layalign_weight_fails_loudly(tmp_path):
     model = trained_model(tmp_path)
     model.save_pretrained(tmp_path / "layalign")
