@@ -335,6 +335,21 @@ class LayAlignGate(nn.Module):
         self.gate = nn.Parameter(torch.zeros(1))
 
 
+class LayAlignGates(nn.Module):
+    """One [`LayAlignGate`] per adapted LLM layer, in `layers`, keyed by the layer's index."""
+
+    def __init__(self, adapted_layers: list[int]):
+        super().__init__()
+        self.layers = nn.ModuleDict({str(layer): LayAlignGate() for layer in adapted_layers})
+
+    def forward(self) -> torch.Tensor:
+        """`(num_adapted_layers,)`, in the order of `adapted_llm_layers`.
+
+        Read through a call rather than by key, so that the gates work the same when peft wraps this module.
+        """
+        return torch.cat([gate.gate for gate in self.layers.values()])
+
+
 @dataclass
 class LayAlignEncoderOutput(ModelOutput):
     """What [`LayAlignForCausalLM.encode`] computes once per batch of source texts.
@@ -423,7 +438,7 @@ class LayAlignForCausalLM(LayAlignPreTrainedModel, GenerationMixin):
                 llm_width,
                 config.fusion_structure,
             )
-            self.gates = nn.ModuleDict({str(layer): LayAlignGate() for layer in config.adapted_llm_layers})
+            self.gates = LayAlignGates(config.adapted_llm_layers)
         self._use_fused_attention()
         self.post_init()
         self.apply_trainable_parts()
@@ -570,9 +585,10 @@ class LayAlignForCausalLM(LayAlignPreTrainedModel, GenerationMixin):
             )
         mapped_embeds = fused_kv = None
         if self.input_mapping is not None:
-            mapped_embeds = self.input_mapping(encoded.last_hidden_state.to(self.input_mapping.up.weight.dtype))
+            dtype = next(self.input_mapping.parameters()).dtype
+            mapped_embeds = self.input_mapping(encoded.last_hidden_state.to(dtype))
         if self.fusion is not None:
-            dtype = self.fusion.projection.weight.dtype
+            dtype = next(self.fusion.parameters()).dtype
             layers = torch.stack([encoded.hidden_states[i].to(dtype) for i in self.config.fused_encoder_layers], dim=-1)
             fused_kv = self._project_fused_states(self.fusion(layers))
         return LayAlignEncoderOutput(mapped_embeds=mapped_embeds, fused_kv=fused_kv, attention_mask=encoder_attention_mask)
@@ -715,7 +731,7 @@ class LayAlignForCausalLM(LayAlignPreTrainedModel, GenerationMixin):
             fused_inputs = FusedAttentionInputs(
                 key_value=fused_kv,
                 encoder_mask=encoder_attention_mask.bool(),
-                gates=torch.cat([self.gates[str(layer)].gate for layer in self.config.adapted_llm_layers]),
+                gates=self.gates(),
                 slots={layer: slot for slot, layer in enumerate(self.config.adapted_llm_layers)},
                 family=self.llm_family,
             )

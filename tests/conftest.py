@@ -91,7 +91,7 @@ def tiny_model(llm: str = "llama", encoder: str = "mt5", seed: int = 0, **config
 
 def set_gates(model: LayAlignForCausalLM, value: float) -> None:
     with torch.no_grad():
-        for gate in model.gates.values():
+        for gate in model.gates.layers.values():
             gate.gate.fill_(value)
 
 
