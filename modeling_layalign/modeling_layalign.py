@@ -14,7 +14,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -85,12 +85,15 @@ class EncoderFamily:
         pretrained_class: class whose `from_pretrained` loads a checkpoint of the family.
         takes_encoder: the loaded model is an encoder-decoder; keep its `get_encoder()`.
         causal: a decoder-only LM used as encoder; it needs position ids that skip left padding.
+        model_kwargs: keyword arguments for building and loading the encoder (BERT-style models drop the pooler,
+            which LayAlign never reads).
     """
 
     model_class: type
     pretrained_class: type
     takes_encoder: bool = False
     causal: bool = False
+    model_kwargs: dict = field(default_factory=dict)
 
     def encoder_class(self, config) -> type:
         """The class of the encoder module for `config`, the same whether built from a config or loaded."""
@@ -99,7 +102,7 @@ class EncoderFamily:
 
     def build(self, config) -> PreTrainedModel:
         """The encoder with random weights (or on the meta device, inside `from_pretrained`)."""
-        return self.encoder_class(config)._from_config(config)
+        return self.encoder_class(config)._from_config(config, **self.model_kwargs)
 
     def encoder_part(self, model: PreTrainedModel) -> PreTrainedModel:
         """The module LayAlign runs as encoder: `model` itself, its encoder, or a causal LM's base model."""
@@ -117,6 +120,7 @@ class EncoderFamily:
 
 
 _BIDIRECTIONAL = EncoderFamily(AutoModelForTextEncoding, AutoModelForTextEncoding)
+_BERT_STYLE = EncoderFamily(AutoModelForTextEncoding, AutoModelForTextEncoding, model_kwargs={"add_pooling_layer": False})
 _NLLB = EncoderFamily(M2M100Encoder, M2M100Model, takes_encoder=True)
 _DECODER_ONLY = EncoderFamily(AutoModel, AutoModel, causal=True)
 
@@ -124,9 +128,9 @@ ENCODER_FAMILIES: dict[str, EncoderFamily] = {
     "t5": _BIDIRECTIONAL,
     "mt5": _BIDIRECTIONAL,
     "umt5": _BIDIRECTIONAL,
-    "bert": _BIDIRECTIONAL,
-    "roberta": _BIDIRECTIONAL,
-    "xlm-roberta": _BIDIRECTIONAL,
+    "bert": _BERT_STYLE,
+    "roberta": _BERT_STYLE,
+    "xlm-roberta": _BERT_STYLE,
     "m2m_100": _NLLB,
     **{model_type: _DECODER_ONLY for model_type in LLM_FAMILIES},
 }
@@ -497,7 +501,7 @@ class LayAlignForCausalLM(LayAlignPreTrainedModel, GenerationMixin):
     def _load_encoder(encoder: str | os.PathLike | PreTrainedModel, **kwargs) -> PreTrainedModel:
         if not isinstance(encoder, PreTrainedModel):
             family = encoder_family(AutoConfig.from_pretrained(encoder, **_hub_kwargs(kwargs)))
-            encoder = family.pretrained_class.from_pretrained(encoder, **kwargs)
+            encoder = family.pretrained_class.from_pretrained(encoder, **family.model_kwargs, **kwargs)
         return encoder_family(encoder.config).encoder_part(encoder)
 
     def apply_trainable_parts(self) -> None:

@@ -120,3 +120,53 @@ def pad(sequences: list[list[int]], pad_id: int, side: str = "right") -> tuple[t
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+SAMPLE_TEXTS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "Weng earns $12 an hour for babysitting. How much did she earn?",
+    "Natalia hat im April Clips an 48 ihrer Freunde verkauft.",
+    "Bata wa Janet hutaga mayai 16 kila siku.",
+    "The answer is: 72",
+]
+
+
+def train_tiny_tokenizer(vocab_size: int, special_tokens: list[str], bos: str | None, eos: str, wrap: bool):
+    """A small BPE tokenizer trained on a few sentences, wrapped as a `PreTrainedTokenizerFast`.
+
+    `wrap` adds `<bos> text <eos>` around every encoding, as encoder tokenizers do.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, limit_alphabet=50)
+    tokenizer.train_from_iterator(SAMPLE_TEXTS * 4, trainer=trainer)
+    if wrap:
+        first = [bos] if bos else []
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=" ".join(first + ["$A", eos]),
+            special_tokens=[(token, tokenizer.token_to_id(token)) for token in first + [eos]],
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_base_folders(tmp_path_factory) -> dict[str, str]:
+    """Tiny mT5 (as a seq2seq checkpoint) and Llama folders, each with a matching tokenizer."""
+    from transformers import AutoModelForCausalLM, MT5ForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("bases")
+    torch.manual_seed(0)
+    encoder = MT5ForConditionalGeneration(ENCODER_CONFIGS["mt5"]())
+    encoder.save_pretrained(root / "mt5")
+    train_tiny_tokenizer(ENCODER_VOCAB, ["<pad>", "</s>", "<unk>"], None, "</s>", wrap=True).save_pretrained(root / "mt5")
+    llm = AutoModelForCausalLM.from_config(LLM_CONFIGS["llama"]())
+    llm.save_pretrained(root / "llama")
+    train_tiny_tokenizer(LLM_VOCAB, ["<pad>", "<s>", "</s>", "<unk>"], "<s>", "</s>", wrap=False).save_pretrained(
+        root / "llama"
+    )
+    return {"encoder": str(root / "mt5"), "llm": str(root / "llama")}

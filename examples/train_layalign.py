@@ -1,0 +1,221 @@
+"""Train LayAlign with the standard `Trainer`: stage 1 (alignment) or stage 2 (task).
+
+    python examples/train_layalign.py --preset demo --stage 1 --output_dir outputs/demo/stage1
+    python examples/train_layalign.py --preset demo --stage 2 --init_from outputs/demo/stage1 \\
+        --output_dir outputs/demo/stage2
+    accelerate launch --config_file configuration/accelerate/multi_gpu_ddp.yaml examples/train_layalign.py \\
+        --preset paper-math --stage 1
+
+A `--preset` (a file in `configuration/presets/`) fills in defaults for the model, the data and the stage's
+`TrainingArguments`; any flag given on the command line overrides it. Every `TrainingArguments` flag works
+(`--resume_from_checkpoint`, `--gradient_checkpointing`, `--bf16`, `--report_to`, ...).
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers.utils import logging
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPOSITORY))
+
+from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor  # noqa: E402
+from modeling_layalign.data import (  # noqa: E402
+    MATH_PROMPT,
+    PAIR_LANGUAGES,
+    LayAlignDataCollator,
+    held_out_lines,
+    load_math_instructions,
+    load_translation_pairs,
+    tokenize_for_stage,
+)
+
+
+logger = logging.get_logger("train_layalign")
+PRESET_DIR = REPOSITORY / "configuration" / "presets"
+
+
+@dataclass
+class ModelArguments:
+    encoder: str | None = field(default=None, metadata={"help": "Hub id or folder of the multilingual encoder."})
+    llm: str | None = field(default=None, metadata={"help": "Hub id or folder of the English-centric LLM."})
+    demo_models: bool = field(
+        default=False, metadata={"help": "Use the offline demo pair (multilingual-e5-small + SmolLM2-135M-Instruct)."}
+    )
+    init_from: str | None = field(
+        default=None, metadata={"help": "A LayAlign checkpoint to start from (stage 2 starts from stage 1's output)."}
+    )
+    dtype: str = field(default="float32", metadata={"help": "dtype of the loaded models: float32, bfloat16, float16."})
+    fused_encoder_layers: list[int] | None = field(default=None, metadata={"help": "Encoder hidden states to fuse."})
+    adapted_llm_layers: list[int] | None = field(default=None, metadata={"help": "LLM layers that get fused attention."})
+    fusion_structure: str = field(default="linear", metadata={"help": "linear or mlp."})
+    use_layer_fusion: bool = field(default=True, metadata={"help": "False gives MindMerger."})
+    use_input_mapping: bool = field(default=True)
+    train_llm: bool = field(default=False, metadata={"help": "Fine-tune the whole LLM (saves full checkpoints)."})
+    encoder_dropout_in_training: bool = field(default=True, metadata={"help": "Keep the frozen encoder's dropout on."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LLM; 0 trains no LoRA."})
+    lora_alpha: int = field(default=16)
+    lora_target: str = field(
+        default=r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
+        metadata={"help": "Regular expression over module names that LoRA adapts."},
+    )
+    encoder_text_prefix: str = field(default="", metadata={"help": "Text put before every source (e5: 'query: ')."})
+
+
+@dataclass
+class DataArguments:
+    stage: int = field(default=1, metadata={"help": "1: alignment on translation pairs; 2: the task."})
+    languages: list[str] = field(default_factory=lambda: list(PAIR_LANGUAGES))
+    data_dir: str | None = field(default=None, metadata={"help": "Folder in the shipped layout (default: data/)."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "JSONL with `source`, `target` and optionally `prompt`, instead of the shipped data."}
+    )
+    held_out: int = field(default=50, metadata={"help": "Last question lines kept out of training (for evaluation)."})
+    max_train_examples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
+    max_source_length: int = field(default=200)
+    max_length: int = field(default=512)
+    prompt_template: str = field(default=MATH_PROMPT, metadata={"help": "Stage-2 prompt with a {query} field."})
+
+
+def preset_arguments(argv: list[str]) -> list[str]:
+    """Command-line arguments of the preset named by `--preset`, for the stage named by `--stage`."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--preset")
+    parser.add_argument("--stage", type=int, default=1)
+    known, _ = parser.parse_known_args(argv)
+    if known.preset is None:
+        return []
+    path = Path(known.preset) if known.preset.endswith(".json") else PRESET_DIR / f"{known.preset}.json"
+    if not path.is_file():
+        available = sorted(file.stem for file in PRESET_DIR.glob("*.json"))
+        raise SystemExit(f"Unknown preset {known.preset!r}; available: {available}")
+    preset = json.loads(path.read_text())
+    values = {**preset.get("model", {}), **preset.get("data", {}), **preset.get(f"stage{known.stage}", {})}
+    arguments = []
+    for key, value in values.items():
+        values_list = value if isinstance(value, list) else [value]
+        arguments += [f"--{key}", *(json.dumps(item) if isinstance(item, dict) else str(item) for item in values_list)]
+    return arguments
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Preset values first, then the command line, so that a flag overrides the preset."""
+    cleaned = list(argv)
+    if "--preset" in cleaned:
+        index = cleaned.index("--preset")
+        del cleaned[index : index + 2]
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    return parser.parse_args_into_dataclasses(args=preset_arguments(argv) + cleaned)
+
+
+def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[LayAlignForCausalLM, LayAlignProcessor]:
+    dtype = getattr(torch, model_args.dtype)
+    if model_args.init_from:
+        model = LayAlignForCausalLM.from_pretrained(model_args.init_from, dtype=dtype)
+        processor = LayAlignProcessor.from_pretrained(model_args.init_from)
+        processor.prompt_template = data_args.prompt_template
+        processor.max_source_length = data_args.max_source_length
+        processor.max_length = data_args.max_length
+        return model, processor
+    encoder, llm = model_args.encoder, model_args.llm
+    if model_args.demo_models:
+        from modeling_layalign.offline_models import ENCODER_TEXT_PREFIX, prepare_demo_models
+
+        encoder, llm = (str(path) for path in prepare_demo_models())
+        model_args.encoder_text_prefix = model_args.encoder_text_prefix or ENCODER_TEXT_PREFIX
+    if encoder is None or llm is None:
+        raise SystemExit("Give `--encoder` and `--llm` (or `--demo_models`, `--init_from`, or a `--preset`).")
+    config_fields = {
+        name: getattr(model_args, name)
+        for name in ("fusion_structure", "use_layer_fusion", "use_input_mapping", "train_llm", "encoder_dropout_in_training")
+    }
+    for name in ("fused_encoder_layers", "adapted_llm_layers"):
+        if getattr(model_args, name) is not None:
+            config_fields[name] = getattr(model_args, name)
+    model = LayAlignForCausalLM.from_base_models(
+        encoder, llm, encoder_kwargs={"dtype": dtype}, llm_kwargs={"dtype": dtype}, **config_fields
+    )
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    processor = LayAlignProcessor(
+        tokenizer=tokenizer,
+        encoder_tokenizer=AutoTokenizer.from_pretrained(encoder),
+        encoder_text_prefix=model_args.encoder_text_prefix,
+        prompt_template=data_args.prompt_template,
+        max_source_length=data_args.max_source_length,
+        max_length=data_args.max_length,
+    )
+    return model, processor
+
+
+def add_lora(model: LayAlignForCausalLM, model_args: ModelArguments):
+    """Stock peft LoRA on the LLM's attention; the LayAlign modules stay trainable through `modules_to_save`."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        target_modules=model_args.lora_target,
+        modules_to_save=list(model.layalign_module_names),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def training_data(data_args: DataArguments):
+    if data_args.train_file:
+        from datasets import load_dataset
+
+        dataset = load_dataset("json", data_files=data_args.train_file, split="train")
+    elif data_args.stage == 1:
+        exclude = held_out_lines(data_args.held_out)
+        dataset = load_translation_pairs(data_args.languages, exclude_lines=exclude, data_dir=data_args.data_dir)
+    else:
+        exclude = held_out_lines(data_args.held_out)
+        dataset = load_math_instructions(data_args.languages, exclude_lines=exclude, data_dir=data_args.data_dir)
+    dataset = dataset.shuffle(seed=0)
+    if data_args.max_train_examples is not None:
+        dataset = dataset.select(range(min(data_args.max_train_examples, len(dataset))))
+    return dataset
+
+
+def keep_trainable_in_float32(model: LayAlignForCausalLM, training_args: TrainingArguments) -> None:
+    """With half-precision bases, train the LayAlign modules in float32 under autocast (as mixed precision does)."""
+    if not (training_args.bf16 or training_args.fp16):
+        raise SystemExit("Half-precision bases (`--dtype bfloat16/float16`) need autocast: add `--bf16` or `--fp16`.")
+    for name in model.layalign_module_names:
+        if (module := getattr(model, name)) is not None:
+            module.float()
+
+
+def main(argv: list[str] | None = None) -> Trainer:
+    model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    model, processor = build_model(model_args, data_args)
+    if model_args.dtype != "float32":
+        keep_trainable_in_float32(model, training_args)
+    if model_args.lora_r:
+        model = add_lora(model, model_args)
+    dataset = tokenize_for_stage(training_data(data_args), processor, data_args.stage)
+    logger.info(f"Stage {data_args.stage}: {len(dataset)} training examples.")
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=LayAlignDataCollator(processor),
+        processing_class=processor,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.save_state()
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
