@@ -91,10 +91,10 @@ class LayAlignProcessor(ProcessorMixin):
             raise ValueError(f"`padding_side` must be 'left' or 'right', got {padding_side!r}.")
         if return_tensors != "pt":
             raise ValueError(f"LayAlignProcessor returns PyTorch tensors only (`return_tensors='pt'`), got {return_tensors!r}.")
-        encoder_input_ids, encoder_attention_mask = _pad_column(
+        encoder_input_ids, encoder_attention_mask = pad_sequences(
             [example["encoder_input_ids"] for example in examples], self._pad_id(self.encoder_tokenizer), "right"
         )
-        input_ids, attention_mask = _pad_column(
+        input_ids, attention_mask = pad_sequences(
             [example["input_ids"] for example in examples], self._pad_id(self.tokenizer), padding_side
         )
         batch = {
@@ -104,7 +104,7 @@ class LayAlignProcessor(ProcessorMixin):
             "encoder_attention_mask": encoder_attention_mask,
         }
         if "labels" in examples[0]:
-            batch["labels"], _ = _pad_column([example["labels"] for example in examples], IGNORE_INDEX, padding_side)
+            batch["labels"], _ = pad_sequences([example["labels"] for example in examples], IGNORE_INDEX, padding_side)
         return BatchFeature(batch)
 
     def __call__(
@@ -154,7 +154,7 @@ def _as_list(name: str, values, size: int) -> list:
     return values
 
 
-def _pad_column(rows: list[list[int]], pad_value: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_sequences(rows: list[list[int]], pad_value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """Pads token lists to the longest on `side`; returns `(values, attention_mask)` as `(batch, length)` tensors."""
     width = max(len(row) for row in rows)
     values = torch.full((len(rows), width), pad_value, dtype=torch.long)

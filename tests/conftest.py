@@ -21,6 +21,7 @@ from transformers import (  # noqa: E402
 )
 
 from modeling_layalign import LayAlignConfig, LayAlignForCausalLM  # noqa: E402
+from modeling_layalign.processing_layalign import pad_sequences as pad  # noqa: E402
 
 
 LLM_VOCAB = 128
@@ -103,18 +104,6 @@ def encoder_pad_id(model: LayAlignForCausalLM) -> int:
 def random_ids(lengths, vocab: int, generator: torch.Generator) -> list[list[int]]:
     """Token ids that avoid the low special ids (pad, bos, eos, unk)."""
     return [torch.randint(4, vocab, (length,), generator=generator).tolist() for length in lengths]
-
-
-def pad(sequences: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pads token lists to one length on `side`; returns `(ids, attention_mask)`."""
-    width = max(len(sequence) for sequence in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(sequences), width, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        span = slice(width - len(sequence), width) if side == "left" else slice(0, len(sequence))
-        ids[row, span] = torch.tensor(sequence, dtype=torch.long)
-        mask[row, span] = 1
-    return ids, mask
 
 
 @pytest.fixture
