@@ -45,7 +45,7 @@ from modeling_layalign.evaluation import (  # noqa: E402
 from modeling_layalign.offline_models import prepare_demo_models  # noqa: E402
 
 
-STAGE_ONE_STEPS = 30
+STAGE_ONE_STEPS = 45
 STAGE_TWO_STEPS = 10
 RELOAD_CHECK = """
 import sys
@@ -122,8 +122,8 @@ def mgsm_scores(model: LayAlignForCausalLM, processor: LayAlignProcessor, per_la
     problems = load_mgsm(MGSM_COLUMNS, limit=per_language)
     prompts = [MATH_PROMPT.format(query=question) for question in problems["source"]]
     outputs = {
-        "LayAlign": layalign_generate(model, processor, problems["source"], prompts, batch_size=10, max_new_tokens=80),
-        "LLM alone": llm_generate(model.llm, processor.tokenizer, prompts, batch_size=10, max_new_tokens=80),
+        "LayAlign": layalign_generate(model, processor, problems["source"], prompts, batch_size=10, max_new_tokens=64),
+        "LLM alone": llm_generate(model.llm, processor.tokenizer, prompts, batch_size=10, max_new_tokens=64),
     }
     scores = {}
     for system, predictions in outputs.items():
@@ -154,7 +154,7 @@ def mgsm_rows(scores: dict[str, dict[str, float]]) -> list[list]:
 
 def main() -> None:
     args = parse_arguments()
-    output = Path(args.output_dir)
+    output = Path(args.output_dir).resolve()
     scaled = lambda count: max(1, round(count * args.scale))  # noqa: E731
     with phase("prepare the demo models (convert once, then cached)"):
         encoder_dir, llm_dir = prepare_demo_models()
@@ -201,7 +201,7 @@ def main() -> None:
     with phase("examples"):
         for language in ("sw", "zh"):
             question = load_mgsm([language], limit=1)[0]["source"]
-            answer = layalign_generate(model, processor, [question], [MATH_PROMPT.format(query=question)], max_new_tokens=80)[0]
+            answer = layalign_generate(model, processor, [question], [MATH_PROMPT.format(query=question)], max_new_tokens=64)[0]
             print(f"\n[{language}] {question}\n[LayAlign] {answer}")
 
     with phase("reload with trust_remote_code, in a process that cannot import this package"):

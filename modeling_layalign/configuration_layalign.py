@@ -2,10 +2,7 @@
 
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
-from transformers.utils import logging
 
-
-logger = logging.get_logger(__name__)
 
 FUSION_STRUCTURES = ("linear", "mlp")
 CHECKPOINT_FORMATS = ("layalign_only", "full")

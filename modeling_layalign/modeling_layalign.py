@@ -446,6 +446,9 @@ class LayAlignForCausalLM(LayAlignPreTrainedModel, GenerationMixin):
         self._use_fused_attention()
         self.post_init()
         self.apply_trainable_parts()
+        # Every label of `input_ids` is predicted, the first one from the boundary; `Trainer` counts the tokens it
+        # normalises the loss by without dropping each row's first label only for models without a shifting loss type.
+        self.loss_type = None
 
     # -- construction -------------------------------------------------------------------------------------------------
 
@@ -686,19 +689,9 @@ class LayAlignForCausalLM(LayAlignPreTrainedModel, GenerationMixin):
         past_len = cache.get_seq_length() if cache is not None else 0
         is_first_pass = past_len == 0
 
-        needs_mapped = is_first_pass and self.config.use_input_mapping and mapped_encoder_embeds is None
-        needs_fused = self.config.use_layer_fusion and fused_kv is None
-        if needs_mapped or needs_fused:
-            if encoder_input_ids is None:
-                raise ValueError(
-                    "`encoder_input_ids` is required: LayAlign reads the source text through its encoder. Pass the "
-                    "encoder tokenizer's ids (or `mapped_encoder_embeds` and `fused_kv` from `model.encode`)."
-                )
-            encoded = self.encode(encoder_input_ids, encoder_attention_mask)
-            mapped_encoder_embeds = encoded.mapped_embeds if mapped_encoder_embeds is None else mapped_encoder_embeds
-            fused_kv = encoded.fused_kv if fused_kv is None else fused_kv
-            encoder_attention_mask = encoded.attention_mask
-        encoder_attention_mask = self._encoder_mask(encoder_attention_mask, mapped_encoder_embeds, fused_kv, encoder_input_ids)
+        mapped_encoder_embeds, fused_kv, encoder_attention_mask = self._encoder_side(
+            encoder_input_ids, encoder_attention_mask, mapped_encoder_embeds, fused_kv, is_first_pass
+        )
         if encoder_attention_mask.shape[0] != batch_size:
             raise ValueError(
                 f"The encoder inputs hold {encoder_attention_mask.shape[0]} examples but the LLM inputs hold "
@@ -754,23 +747,42 @@ class LayAlignForCausalLM(LayAlignPreTrainedModel, GenerationMixin):
             outputs.logits = _gather_rows(outputs.logits, order.argsort(dim=1))
         return outputs
 
-    @staticmethod
-    def _encoder_mask(
+    def _encoder_side(
+        self,
+        encoder_input_ids: torch.LongTensor | None,
         encoder_attention_mask: torch.Tensor | None,
         mapped_encoder_embeds: torch.Tensor | None,
         fused_kv: torch.Tensor | None,
-        encoder_input_ids: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """The encoder padding mask, or all ones over the encoder length when none was given."""
+        is_first_pass: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """`(mapped_encoder_embeds, fused_kv, encoder_attention_mask)` for this pass, encoding only what is missing.
+
+        The mapped tokens are read on the first pass only; the fused keys and values at every pass. The mask defaults
+        to all ones over the encoder length.
+        """
+        needs_mapped = is_first_pass and self.config.use_input_mapping and mapped_encoder_embeds is None
+        needs_fused = self.config.use_layer_fusion and fused_kv is None
+        if needs_mapped or needs_fused:
+            if encoder_input_ids is None:
+                raise ValueError(
+                    "`encoder_input_ids` is required: LayAlign reads the source text through its encoder. Pass the "
+                    "encoder tokenizer's ids (or `mapped_encoder_embeds` and `fused_kv` from `model.encode`)."
+                )
+            encoded = self.encode(encoder_input_ids, encoder_attention_mask)
+            mapped_encoder_embeds = encoded.mapped_embeds if mapped_encoder_embeds is None else mapped_encoder_embeds
+            fused_kv = encoded.fused_kv if fused_kv is None else fused_kv
+            return mapped_encoder_embeds, fused_kv, encoded.attention_mask
         if encoder_attention_mask is not None:
-            return encoder_attention_mask
+            return mapped_encoder_embeds, fused_kv, encoder_attention_mask
         if encoder_input_ids is not None:
-            return torch.ones_like(encoder_input_ids)
-        reference = mapped_encoder_embeds if mapped_encoder_embeds is not None else fused_kv
-        if reference is None:
+            return mapped_encoder_embeds, fused_kv, torch.ones_like(encoder_input_ids)
+        if mapped_encoder_embeds is not None:
+            batch_size, encoder_len, device = *mapped_encoder_embeds.shape[:2], mapped_encoder_embeds.device
+        elif fused_kv is not None:
+            batch_size, encoder_len, device = fused_kv.shape[0], fused_kv.shape[-2], fused_kv.device
+        else:
             raise ValueError("`encoder_attention_mask` (or `encoder_input_ids`) is required while decoding with a cache.")
-        encoder_len = reference.shape[1] if reference is mapped_encoder_embeds else reference.shape[-2]
-        return torch.ones(reference.shape[0], encoder_len, dtype=torch.long, device=reference.device)
+        return mapped_encoder_embeds, fused_kv, torch.ones(batch_size, encoder_len, dtype=torch.long, device=device)
 
     # -- generation -----------------------------------------------------------------------------------------------------
 
@@ -884,6 +896,10 @@ class LayAlignForCausalLM(LayAlignPreTrainedModel, GenerationMixin):
         shared = {key: kwargs[key] for key in _SHARED_LOAD_KWARGS if key in kwargs}
         download = {**shared, **{key: file_kwargs[key] for key in ("revision", "subfolder") if key in file_kwargs}}
         weights_file = cached_file(path, SAFE_WEIGHTS_NAME, **download)
+        logger.info(
+            f"{path} holds the LayAlign weights only: loading the encoder from {config.encoder_name_or_path} and the "
+            f"LLM from {config.llm_name_or_path} first."
+        )
         encoder_kwargs, llm_kwargs = dict(kwargs), dict(kwargs)
         if isinstance(implementation := kwargs.get("attn_implementation"), dict):
             # Routed by sub-config name, as `from_pretrained` routes it for a full checkpoint.

@@ -2,10 +2,7 @@
 
 import torch
 from transformers import BatchFeature, ProcessorMixin
-from transformers.utils import logging
 
-
-logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
 

@@ -59,6 +59,20 @@ def test_stage_one_writes_small_checkpoints_that_load(tiny_base_folders, tmp_pat
     assert len(losses) == 3
 
 
+def test_logged_loss_is_the_mean_over_every_target_token(tiny_base_folders, tmp_path):
+    trainer = train_layalign.main(
+        arguments(
+            tiny_base_folders, tmp_path, "--stage", "1", "--max_steps", "1", "--max_train_examples", "4",
+            "--learning_rate", "0", "--encoder_dropout_in_training", "False", "--save_strategy", "no",
+        )
+    )  # fmt: skip
+    batch = trainer.data_collator([trainer.train_dataset[index] for index in range(4)])
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(**batch).loss.item()
+    assert logged_losses(tmp_path) == [pytest.approx(expected, rel=1e-5)]
+
+
 def test_resumed_training_continues_exactly_where_it_stopped(tiny_base_folders, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_layalign.main(arguments(tiny_base_folders, straight, "--stage", "1", "--save_steps", "2", "--max_steps", "4"))
