@@ -27,7 +27,7 @@ BENCHMARK_DATASETS = {"MGSM": "juletxara/mgsm", "MSVAMP": "Mathoctopus/MSVAMP", 
 
 
 def yaml_list(values) -> str:
-    return "\n".join(f"- {value}" for value in values) if values else "[]"
+    return "\n".join(f"- {value}" for value in values) if values else "  []"
 
 
 def results_section(reports: list[dict]) -> tuple[str, list[str], list[str]]:
@@ -44,12 +44,18 @@ def results_section(reports: list[dict]) -> tuple[str, list[str], list[str]]:
     return "\n".join(sections) or "No evaluation results yet.", list(dict.fromkeys(languages)), datasets
 
 
-def fill_card(model_folder: Path, reports: list[dict], repo_id: str | None = None, license_name: str = "apache-2.0") -> str:
+def fill_card(
+    model_folder: Path,
+    reports: list[dict],
+    repo_id: str | None = None,
+    license_name: str = "apache-2.0",
+    base_models: list[str] | None = None,
+) -> str:
     config = AutoConfig.from_pretrained(model_folder, trust_remote_code=True)
     weights = model_folder / "model.safetensors"
     results, languages, datasets = results_section(reports)
     values = {
-        "base_models": yaml_list([config.encoder_name_or_path, config.llm_name_or_path]),
+        "base_models": yaml_list(base_models or [config.encoder_name_or_path, config.llm_name_or_path]),
         "languages": yaml_list(sorted(set(languages) | {"en"})),
         "datasets": yaml_list(datasets),
         "license": license_name,
@@ -84,11 +90,15 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--results", nargs="*", default=[], help="JSON files from examples/evaluate_layalign.py.")
     parser.add_argument("--repo_id", help="The Hub repository the model goes to (used in the card's code).")
     parser.add_argument("--license", default="apache-2.0")
+    parser.add_argument(
+        "--base_models", nargs=2, metavar=("ENCODER", "LLM"),
+        help="Hub ids for the card's base_model metadata when the config names local folders.",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     folder = Path(args.model)
     reports = [json.loads(Path(path).read_text()) for path in args.results]
     card = folder / "README.md"
-    card.write_text(fill_card(folder, reports, args.repo_id, args.license))
+    card.write_text(fill_card(folder, reports, args.repo_id, args.license, args.base_models))
     print(f"model card: {card}")
     return card
 

@@ -30,3 +30,12 @@ def test_card_carries_metadata_and_results(tiny_layalign_folder, tiny_base_folde
     assert "| LLM alone |" in card and "### MGSM (2 problems per language)" in card
     assert 'from_pretrained("me/tiny", trust_remote_code=True)' in card
     assert "$" not in card.split("```")[0].replace("$12", "")  # every template field was filled
+
+
+def test_base_models_can_name_hub_ids(tiny_layalign_folder):
+    card = make_model_card.main(
+        ["--model", tiny_layalign_folder, "--base_models", "intfloat/multilingual-e5-small", "HuggingFaceTB/SmolLM2-135M-Instruct"]
+    ).read_text()
+    front_matter = yaml.safe_load(card.split("---")[1])
+    assert front_matter["base_model"] == ["intfloat/multilingual-e5-small", "HuggingFaceTB/SmolLM2-135M-Instruct"]
+    assert "No evaluation results yet." in card
