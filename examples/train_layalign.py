@@ -99,8 +99,7 @@ def preset_arguments(argv: list[str]) -> list[str]:
     values = {**preset.get("model", {}), **preset.get("data", {}), **preset.get(f"stage{known.stage}", {})}
     arguments = []
     for key, value in values.items():
-        values_list = value if isinstance(value, list) else [value]
-        arguments += [f"--{key}", *(json.dumps(item) if isinstance(item, dict) else str(item) for item in values_list)]
+        arguments += [f"--{key}", *(str(item) for item in (value if isinstance(value, list) else [value]))]
     return arguments
 
 

@@ -17,7 +17,7 @@ from transformers.utils.logging import tqdm
 
 from .data import MATH_PROMPT, load_mgsm
 from .modeling_layalign import LayAlignForCausalLM
-from .processing_layalign import IGNORE_INDEX, LayAlignProcessor
+from .processing_layalign import IGNORE_INDEX, LayAlignProcessor, pad_sequences
 
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -67,10 +67,8 @@ def llm_target_loss(
             target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             rows.append(prompt_ids + target_ids)
             labels.append([IGNORE_INDEX] * len(prompt_ids) + target_ids)
-        width = max(len(row) for row in rows)
-        input_ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
-        attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
-        label_ids = torch.tensor([row + [IGNORE_INDEX] * (width - len(row)) for row in labels])
+        input_ids, attention_mask = pad_sequences(rows, tokenizer.pad_token_id)
+        label_ids, _ = pad_sequences(labels, IGNORE_INDEX)
         tokens = int((label_ids[:, 1:] != IGNORE_INDEX).sum())
         total += llm(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids).loss.item() * tokens
         count += tokens
@@ -90,10 +88,9 @@ def layalign_generate(
     """Greedy (unless told otherwise) continuations after `[BOS, mapped source, boundary, prompt]`."""
     outputs = []
     generation_kwargs.setdefault("do_sample", False)
-    for start in tqdm(range(0, len(sources), batch_size), desc="LayAlign", disable=not progress):
-        chunk = sources[start : start + batch_size]
-        chunk_prompts = prompts[start : start + batch_size] if prompts is not None else [""] * len(chunk)
-        batch = processor(chunk, prompts=chunk_prompts)
+    pairs = list(zip(sources, prompts if prompts is not None else [""] * len(sources)))
+    for chunk in tqdm(list(_batches(pairs, batch_size)), desc="LayAlign", disable=not progress):
+        batch = processor([source for source, _ in chunk], prompts=[prompt for _, prompt in chunk])
         if batch["input_ids"].shape[1] == 0:
             batch.pop("input_ids"), batch.pop("attention_mask")
         generated = model.generate(**batch, **generation_kwargs)

@@ -446,8 +446,8 @@ class LayAlignForCausalLM(LayAlignPreTrainedModel, GenerationMixin):
         self._use_fused_attention()
         self.post_init()
         self.apply_trainable_parts()
-        # Every label of `input_ids` is predicted, the first one from the boundary; `Trainer` counts the tokens it
-        # normalises the loss by without dropping each row's first label only for models without a shifting loss type.
+        # Every label of `input_ids` is predicted, the first one from the boundary. Without a (shifting) loss type,
+        # `Trainer` counts all of them when it normalises the loss, instead of dropping each row's first label.
         self.loss_type = None
 
     # -- construction -------------------------------------------------------------------------------------------------
