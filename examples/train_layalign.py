@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
 
@@ -196,6 +196,8 @@ def keep_trainable_in_float32(model: LayAlignForCausalLM, training_args: Trainin
 
 def main(argv: list[str] | None = None) -> Trainer:
     model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    # Seeded before the LayAlign modules are initialised, so `--seed` fixes the whole run (Trainer seeds only later).
+    set_seed(training_args.seed)
     model, processor = build_model(model_args, data_args)
     if model_args.dtype != "float32":
         keep_trainable_in_float32(model, training_args)
