@@ -60,10 +60,11 @@ def held_out_lines(count: int) -> range:
     return range(PAIRS_PER_LANGUAGE - count, PAIRS_PER_LANGUAGE)
 
 
-def _check_languages(languages, available) -> list[str]:
+def check_languages(languages, available, dataset: str) -> list[str]:
+    """`languages` as a list, or a `ValueError` naming those that `dataset` does not have."""
     unknown = sorted(set(languages) - set(available))
     if unknown:
-        raise ValueError(f"No data for languages {unknown}; available: {sorted(available)}.")
+        raise ValueError(f"{dataset} has no languages {unknown}; it has {sorted(available)}.")
     return list(languages)
 
 
@@ -78,7 +79,7 @@ def load_translation_pairs(
     """
     root = Path(data_dir or default_data_dir()) / "mgsm8kinstruct_questions"
     parts = []
-    for language in _check_languages(languages, PAIR_LANGUAGES):
+    for language in check_languages(languages, PAIR_LANGUAGES, "The translation-pair data"):
         folder = root / f"{language}-en"
         sources = load_dataset("text", data_files=str(folder / f"train.{language}"), split="train")["text"]
         targets = load_dataset("text", data_files=str(folder / "train.en"), split="train")["text"]
@@ -112,7 +113,7 @@ def load_math_instructions(
     `exclude_lines` drops the same questions from every language, English included.
     """
     root = Path(data_dir or default_data_dir())
-    languages = _check_languages(languages, PAIR_LANGUAGES)
+    languages = check_languages(languages, PAIR_LANGUAGES, "The math-instruction data")
     rows = load_dataset("json", data_files=str(root / "mgsm8kinstruct_questions" / "math_train_x_en.jsonl"), split="train")
     rows = rows.filter(lambda row: row["lang_code"] in languages)
     excluded_questions = set(rows.filter(lambda row: row["line"] in (exclude_lines or ()))["gsm8k_train_index"])
@@ -142,7 +143,7 @@ def load_mgsm(languages=tuple(LANGUAGE_NAMES), *, limit: int | None = None, data
     """MGSM test problems: columns `source` (question in L), `answer` (gold number as text), `language`."""
     root = Path(data_dir or default_data_dir()) / "mgsm"
     parts = []
-    for language in _check_languages(languages, LANGUAGE_NAMES):
+    for language in check_languages(languages, LANGUAGE_NAMES, "MGSM"):
         table = load_dataset(
             "csv",
             data_files=str(root / f"mgsm_{language}.tsv"),

@@ -15,7 +15,7 @@ from datasets import Dataset, concatenate_datasets, load_dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils.logging import tqdm
 
-from .data import MATH_PROMPT, load_mgsm
+from .data import MATH_PROMPT, check_languages, load_mgsm
 from .modeling_layalign import LayAlignForCausalLM
 from .processing_layalign import IGNORE_INDEX, LayAlignProcessor, pad_sequences
 
@@ -172,13 +172,6 @@ def _select(dataset: Dataset, limit: int | None) -> Dataset:
     return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
 
 
-def _check_benchmark_languages(name: str, languages, available) -> list[str]:
-    unknown = sorted(set(languages) - set(available))
-    if unknown:
-        raise ValueError(f"{name} has no languages {unknown}; it has {list(available)}.")
-    return list(languages)
-
-
 def load_mgsm_benchmark(data_dir, languages, limit=None) -> Dataset:
     return load_mgsm(languages, limit=limit, data_dir=data_dir)
 
@@ -186,7 +179,7 @@ def load_mgsm_benchmark(data_dir, languages, limit=None) -> Dataset:
 def load_msvamp(data_dir, languages, limit=None) -> Dataset:
     """`msvamp/test_<English name>.jsonl`: `m_query` is the question in L, `response` the gold number."""
     parts = []
-    for language in _check_benchmark_languages("MSVAMP", languages, MSVAMP_FILES):
+    for language in check_languages(languages, MSVAMP_FILES, "MSVAMP"):
         path = Path(data_dir) / "msvamp" / f"test_{MSVAMP_FILES[language]}.jsonl"
         rows = _select(load_dataset("json", data_files=str(path), split="train"), limit)
         parts.append(
@@ -201,7 +194,7 @@ def load_msvamp(data_dir, languages, limit=None) -> Dataset:
 def load_xcsqa(data_dir, languages, limit=None) -> Dataset:
     """`x-csqa/<L>/dev.jsonl`: `question.stem`, `question.choices[i].text` (lettered by position), `answerKey`."""
     parts = []
-    for language in _check_benchmark_languages("X-CSQA", languages, BENCHMARKS["xcsqa"].languages):
+    for language in check_languages(languages, BENCHMARKS["xcsqa"].languages, "X-CSQA"):
         path = Path(data_dir) / "x-csqa" / language / "dev.jsonl"
         rows = _select(load_dataset("json", data_files=str(path), split="train"), limit)
 
@@ -217,7 +210,7 @@ def load_xcsqa(data_dir, languages, limit=None) -> Dataset:
 
 def load_xnli(data_dir, languages, limit=None) -> Dataset:
     """`xnli/test.json`: one JSON list (or `{"data": [...]}`) of `sentence1`, `sentence2`, `label`, `language`."""
-    languages = _check_benchmark_languages("XNLI", languages, BENCHMARKS["xnli"].languages)
+    languages = check_languages(languages, BENCHMARKS["xnli"].languages, "XNLI")
     path = Path(data_dir) / "xnli" / "test.json"
     content = json.loads(path.read_text(encoding="utf-8"))
     rows = content["data"] if isinstance(content, dict) else content
