@@ -53,7 +53,7 @@ def test_mgsm_loads_every_language_with_comma_free_answers():
 
 
 def test_unknown_languages_are_named():
-    with pytest.raises(ValueError, match=r"has no languages \['xx'\]"):
+    with pytest.raises(ValueError, match=r"The translation-pair data has no languages \['xx'\]"):
         load_translation_pairs(["xx"])
     with pytest.raises(ValueError, match="`count` must be in 0..849"):
         held_out_lines(900)
