@@ -36,16 +36,19 @@ from modeling_layalign.data import (  # noqa: E402
     load_translation_pairs,
 )
 from modeling_layalign.evaluation import (  # noqa: E402
+    alignment_scores,
     is_correct_number,
     layalign_generate,
-    layalign_target_loss,
     llm_generate,
     llm_target_loss,
 )
+from modeling_layalign.monitoring import mapping_statistics  # noqa: E402
 from modeling_layalign.offline_models import prepare_demo_models  # noqa: E402
 
 
 STAGE_ONE_STEPS = 45
+HELD_OUT = 100  # the demo preset's `held_out`: the last 100 question lines, in no training run
+SHIPPED_STAGE_ONE = REPOSITORY / "checkpoints" / "demo-stage1"
 STAGE_TWO_STEPS = 10
 RELOAD_CHECK = """
 import sys
@@ -91,29 +94,24 @@ def train(stage: int, output_dir: Path, steps: int, batch_size: int, *extra: str
 
 
 def stage_one_table(models: dict[str, LayAlignForCausalLM], processor, languages, losses_per_language, generations):
-    """Per language: held-out loss per English token and chrF of greedy reconstructions, for each system."""
+    """Per language: held-out loss per English token with the real and a shuffled source, and chrF of greedy
+    reconstructions, for the LLM alone (reading the source inside a translation prompt) and each LayAlign model."""
     tokenizer = processor.tokenizer
     any_model = next(iter(models.values()))
     rows = []
     for language in languages:
-        pairs = load_translation_pairs([language], lines=held_out_lines(50))
-        loss_pairs, generation_pairs = pairs.select(range(losses_per_language)), pairs.select(range(generations))
-        prompts = [TRANSLATION_PROMPT.format(language=LANGUAGE_NAMES[language], sentence=s) for s in loss_pairs["source"]]
+        pairs = load_translation_pairs([language], lines=held_out_lines(HELD_OUT))
+        sources, targets = pairs["source"][:losses_per_language], pairs["target"][:losses_per_language]
+        prompts = [TRANSLATION_PROMPT.format(language=LANGUAGE_NAMES[language], sentence=s) for s in sources]
         row = {"language": language}
-        row["LLM alone loss"] = llm_target_loss(any_model.llm, tokenizer, prompts, [" " + t for t in loss_pairs["target"]])
-        references = [generation_pairs["target"]]
+        row["LLM alone loss"] = llm_target_loss(any_model.llm, tokenizer, prompts, [" " + t for t in targets])
         alone = llm_generate(any_model.llm, tokenizer, prompts[:generations], max_new_tokens=64)
-        row["LLM alone chrF"] = sacrebleu.corpus_chrf([line.split("\n")[0] for line in alone], references).score
+        row["LLM alone chrF"] = sacrebleu.corpus_chrf([line.split("\n")[0] for line in alone], [targets[:generations]]).score
         for name, model in models.items():
-            row[f"{name} loss"] = layalign_target_loss(model, processor, loss_pairs["source"], loss_pairs["target"])
-            # The same targets read with another example's source: the loss a model reaches without using the
-            # source's content (the gap to the line above is what the encoder contributes).
-            shuffled = loss_pairs["source"][1:] + loss_pairs["source"][:1]
-            row[f"{name} shuffled-source loss"] = layalign_target_loss(model, processor, shuffled, loss_pairs["target"])
-            reconstructions = layalign_generate(model, processor, generation_pairs["source"], max_new_tokens=64)
-            row[f"{name} chrF"] = sacrebleu.corpus_chrf(reconstructions, references).score
+            scores = alignment_scores(model, processor, sources, targets, generations)
+            row.update({f"{name} {key}": value for key, value in scores.items()})
         rows.append(row)
-        print("  " + "  ".join(f"{key}={value:.3f}" if isinstance(value, float) else value for key, value in row.items()))
+        print("  " + "  ".join(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}" for key, value in row.items()))
     return rows
 
 
@@ -171,19 +169,38 @@ def main() -> None:
     processor = LayAlignProcessor.from_pretrained(output / "stage1")
     processor.max_length = processor.max_source_length = 128
     with phase("evaluate stage 1 on held-out questions"):
-        systems = {"LayAlign": LayAlignForCausalLM.from_pretrained(output / "stage1")}
+        systems = {"trained now": LayAlignForCausalLM.from_pretrained(output / "stage1")}
         if args.compare_mindmerger:
-            systems["MindMerger"] = LayAlignForCausalLM.from_pretrained(output / "mindmerger-stage1")
-        rows = stage_one_table(systems, processor, args.eval_languages, scaled(8), scaled(4))
-    loss_columns = ["LLM alone loss"] + [f"{name}{kind} loss" for name in systems for kind in ("", " shuffled-source")]
-    chrf_columns = [f"{name} chrF" for name in ["LLM alone", *systems]]
+            systems["MindMerger now"] = LayAlignForCausalLM.from_pretrained(output / "mindmerger-stage1")
+        if SHIPPED_STAGE_ONE.is_dir():
+            systems["shipped"] = LayAlignForCausalLM.from_pretrained(
+                SHIPPED_STAGE_ONE, encoder_name_or_path=encoder_dir, llm_name_or_path=llm_dir
+            )
+        rows = stage_one_table(systems, processor, args.eval_languages, scaled(16), scaled(4))
+        statistics = {name: mapping_statistics(model, processor) for name, model in systems.items()}
+    print(f"\nSystems: 'trained now' is the stage 1 this run trained ({scaled(STAGE_ONE_STEPS)} steps of 8, {output / 'stage1'});")
+    print(f"'shipped' is {SHIPPED_STAGE_ONE.relative_to(REPOSITORY)}, a longer run of the same recipe (see its README).")
+    loss_columns = ["LLM alone loss"] + [f"{name} {kind}" for name in systems for kind in ("loss", "shuffled_loss", "gap")]
+    chrf_columns = [f"{name} chrf" for name in systems]
     print_table(
-        "Stage 1, held-out questions: loss per English token (lower is better), chrF of greedy reconstructions",
-        ["lang", *loss_columns, *chrf_columns],
+        "Stage 1, held-out questions: loss per English token (lower is better) with the real and a shuffled source, "
+        "the gap between them (> 0: the source's content is used), chrF of greedy reconstructions",
+        ["lang", *loss_columns, "LLM alone chrF", *chrf_columns],
         [
-            [row["language"], *(f"{row[column]:.3f}" for column in loss_columns), *(f"{row[column]:.1f}" for column in chrf_columns)]
+            [row["language"], *(f"{row[column]:.3f}" for column in loss_columns), f"{row['LLM alone chrF']:.1f}",
+             *(f"{row[column]:.1f}" for column in chrf_columns)]
             for row in rows
-        ],
+        ],  # fmt: skip
+    )
+    print_table(
+        "Collapse check: mean cosine between the mapped tokens of different sources (1.0 = one soft prompt for "
+        "every source), their norm over the LLM's embeddings, the largest gate",
+        ["system", "source cosine", "norm ratio", "max |gate|", "collapsed"],
+        [
+            [name, f"{values['source_cosine']:.3f}", f"{values['norm_ratio']:.2f}", f"{values.get('gate_max_abs', 0):.3f}",
+             "yes" if values["source_cosine"] >= 0.95 else "no"]
+            for name, values in statistics.items()
+        ],  # fmt: skip
     )
 
     model = LayAlignForCausalLM.from_pretrained(output / "stage2")

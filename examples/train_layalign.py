@@ -12,6 +12,7 @@ A `--preset` (a file in `configuration/presets/`) fills in defaults for the mode
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -31,10 +32,13 @@ from modeling_layalign.data import (  # noqa: E402
     PAIR_LANGUAGES,
     LayAlignDataCollator,
     held_out_lines,
+    load_english_sentences,
     load_math_instructions,
     load_translation_pairs,
     tokenize_for_stage,
 )
+from modeling_layalign.monitoring import MappingCollapseCallback  # noqa: E402
+from modeling_layalign.warm_start import warm_start_input_mapping  # noqa: E402
 
 
 logger = logging.get_logger("train_layalign")
@@ -66,6 +70,17 @@ class ModelArguments:
         metadata={"help": "Regular expression over module names that LoRA adapts."},
     )
     encoder_text_prefix: str = field(default="", metadata={"help": "Text put before every source (e5: 'query: ')."})
+    warm_start_sentences: int = field(
+        default=0,
+        metadata={
+            "help": "Stage 1 from scratch: first fit the input mapping on up to this many English training sentences "
+            "(modeling_layalign.warm_start; not in the paper). 0 starts from random weights, as the paper does."
+        },
+    )
+    warm_start_pairs: int = field(
+        default=0,
+        metadata={"help": "With --warm_start_sentences: also fit on the source side of this many training pairs."},
+    )
 
 
 @dataclass
@@ -194,11 +209,30 @@ def keep_trainable_in_float32(model: LayAlignForCausalLM, training_args: Trainin
             module.float()
 
 
-def main(argv: list[str] | None = None) -> Trainer:
+def warm_start(model: LayAlignForCausalLM, processor: LayAlignProcessor, model_args: ModelArguments, data_args) -> None:
+    """Fits the input mapping before a stage-1 run from scratch (see `modeling_layalign/warm_start.py`).
+
+    The English sentences and the pairs come from the training split (no held-out line), whatever
+    `--max_train_examples` keeps for the stage itself.
+    """
+    if not model_args.warm_start_sentences or model_args.init_from or data_args.stage != 1:
+        return
+    sentences = load_english_sentences(exclude_lines=held_out_lines(data_args.held_out), data_dir=data_args.data_dir)
+    translation_pairs = None
+    if model_args.warm_start_pairs:
+        pairs = training_data(dataclasses.replace(data_args, max_train_examples=model_args.warm_start_pairs))
+        translation_pairs = (pairs["source"], pairs["target"])
+    result = warm_start_input_mapping(model, processor, sentences[: model_args.warm_start_sentences], translation_pairs)
+    logger.info(f"Input mapping warm-started: {result}")
+
+
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> Trainer:
+    """Runs one stage; `callbacks` join the Trainer's (the collapse monitor is always on with input mapping)."""
     model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     # Seeded before the LayAlign modules are initialised, so `--seed` fixes the whole run (Trainer seeds only later).
     set_seed(training_args.seed)
     model, processor = build_model(model_args, data_args)
+    warm_start(model, processor, model_args, data_args)
     if model_args.dtype != "float32":
         keep_trainable_in_float32(model, training_args)
     if model_args.lora_r:
@@ -211,6 +245,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         train_dataset=dataset,
         data_collator=LayAlignDataCollator(processor),
         processing_class=processor,
+        callbacks=[*([MappingCollapseCallback(processor)] if model.config.use_input_mapping else []), *(callbacks or [])],
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()

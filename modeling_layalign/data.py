@@ -98,6 +98,21 @@ def load_translation_pairs(
     return _select_lines(concatenate_datasets(parts), lines, exclude_lines)
 
 
+def load_english_sentences(*, exclude_lines: range | None = None, data_dir=None) -> list[str]:
+    """English questions for the input mapping's warm start: the English sides of the stage-1 pairs, then GSM8K's.
+
+    `exclude_lines` (the held-out block) drops those pairs' English sides and the GSM8K questions equal to them, so
+    that no held-out question is read. Distinct sentences, in a fixed order.
+    """
+    root = Path(data_dir or default_data_dir())
+    english = load_dataset("text", data_files=str(root / "mgsm8kinstruct_questions" / "de-en" / "train.en"), split="train")
+    held_out = set(english.select(exclude_lines or range(0))["text"])
+    kept = [line for index, line in enumerate(english["text"]) if index not in (exclude_lines or ())]
+    gsm8k = load_dataset("json", data_files=str(root / "gsm8k" / "train_first2000.jsonl"), split="train")["question"]
+    kept += [question for question in gsm8k if question not in held_out]
+    return list(dict.fromkeys(sentence.strip() for sentence in kept if sentence.strip()))
+
+
 def clean_gsm8k_answer(answer: str) -> str:
     """GSM8K's chain of thought without calculator notes, ending "The answer is: N" as MetaMath's answers do."""
     answer = re.sub(r"<<[^>]*>>", "", answer)

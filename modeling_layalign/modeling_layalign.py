@@ -606,6 +606,9 @@ class LayAlignForCausalLM(LayAlignPreTrainedModel, GenerationMixin):
         Returns `(batch, M, 2, num_kv_heads, encoder_len, head_dim)`.
         """
         batch_size, encoder_len = fused.shape[:2]
+        # The LayAlign modules may train in float32 over half-precision bases: the frozen projections read the LLM's
+        # dtype (what autocast does anyway, and what a call outside autocast needs).
+        fused = fused.to(self.llm.get_input_embeddings().weight.dtype)
         per_layer = []
         for slot, attention in enumerate(self._adapted_attention_modules()):
             keys = attention.k_proj(fused[:, :, 2 * slot]).view(batch_size, encoder_len, -1, attention.head_dim)
@@ -879,13 +882,18 @@ class LayAlignForCausalLM(LayAlignPreTrainedModel, GenerationMixin):
         """Loads either checkpoint form, from a folder or the Hub.
 
         A full checkpoint loads like any transformers model. A LayAlign-only one first loads the encoder and the LLM
-        from the sources its config names (`dtype`, `device_map`, `attn_implementation`, `quantization_config` and
-        the download options apply to them), then the LayAlign weights, and fails if any LayAlign weight is missing
-        or unexpected: plain `PreTrainedModel.from_pretrained` would silently give random bases instead.
+        from the sources its config names, or from `encoder_name_or_path=` / `llm_name_or_path=` given here (`dtype`,
+        `device_map`, `attn_implementation`, `quantization_config` and the download options apply to them), then the
+        LayAlign weights, and fails if any LayAlign weight is missing or unexpected: plain
+        `PreTrainedModel.from_pretrained` would silently give random bases instead.
         """
         if not isinstance(config, PretrainedConfig):
             file_kwargs = {key: kwargs[key] for key in ("revision", "subfolder", *_SHARED_LOAD_KWARGS) if key in kwargs}
             config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **file_kwargs)
+        for source_field in ("encoder_name_or_path", "llm_name_or_path"):
+            # The bases of a LayAlign-only checkpoint may live elsewhere on this machine than where they were trained.
+            if (source := kwargs.pop(source_field, None)) is not None:
+                setattr(config, source_field, os.fspath(source))
         if config.checkpoint_format != "layalign_only":
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         return cls._from_layalign_only(pretrained_model_name_or_path, config, **kwargs)

@@ -12,6 +12,8 @@ from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
 from modeling_layalign.data import default_data_dir
 from modeling_layalign.evaluation import (
     BENCHMARKS,
+    alignment_scores,
+    number_recall,
     extract_last_number,
     is_correct_number,
     layalign_generate,
@@ -64,6 +66,25 @@ def test_layalign_target_loss_is_a_token_weighted_mean_over_batches(model_and_pr
     one_batch = layalign_target_loss(model, processor, SOURCES, TARGETS, batch_size=3)
     split = layalign_target_loss(model, processor, SOURCES, TARGETS, batch_size=1)
     assert split == pytest.approx(one_batch, rel=1e-5)
+
+
+def test_number_recall_counts_the_sources_numbers_found_in_the_outputs():
+    sources = ["Natalia hat 48 Clips und 1,200 Freunde.", "Bata wa Janet", "Weng verdient 12 Dollar in 50 Minuten."]
+    outputs = ["Natalia sold 48 clips to 1200 friends.", "Janet has 3 ducks", "Weng earns 12 dollars."]
+    assert number_recall(sources, outputs) == pytest.approx(3 / 4)
+    assert number_recall(["no numbers"], ["7"]) is None
+
+
+def test_alignment_scores_compare_the_real_source_with_a_shuffled_one(model_and_processor):
+    model, processor = model_and_processor
+    scores = alignment_scores(model, processor, SOURCES, TARGETS, num_generations=2, max_new_tokens=4)
+    assert scores["loss"] == pytest.approx(layalign_target_loss(model, processor, SOURCES, TARGETS))
+    shuffled = layalign_target_loss(model, processor, SOURCES[1:] + SOURCES[:1], TARGETS)
+    assert scores["shuffled_loss"] == pytest.approx(shuffled)
+    assert scores["gap"] == pytest.approx(shuffled - scores["loss"])
+    assert 0 <= scores["chrf"] <= 100 and scores["distinct_reconstructions"] in (0.5, 1.0)
+    with pytest.raises(ValueError, match="at least two pairs"):
+        alignment_scores(model, processor, SOURCES[:1], TARGETS[:1], num_generations=1)
 
 
 def test_llm_target_loss_matches_the_models_own_loss(tiny_base_folders):

@@ -202,6 +202,19 @@ def test_a_changed_base_model_fails_loudly(tmp_path):
         LayAlignForCausalLM.from_pretrained(tmp_path / "layalign")
 
 
+def test_bases_moved_after_a_layalign_only_save_load_from_where_they_are_now(tmp_path):
+    model = trained_model(tmp_path / "then")
+    inputs = sample_inputs()
+    expected = logits(model, inputs)
+    model.save_pretrained(tmp_path / "layalign")
+    os.rename(tmp_path / "then", tmp_path / "now")
+    reloaded = LayAlignForCausalLM.from_pretrained(
+        tmp_path / "layalign", encoder_name_or_path=tmp_path / "now" / "mt5", llm_name_or_path=tmp_path / "now" / "llama"
+    )
+    assert (logits(reloaded, inputs) - expected).abs().max().item() == 0.0
+    assert reloaded.config.llm_name_or_path == str(tmp_path / "now" / "llama")
+
+
 def _failing_save(*args, **kwargs):
     raise OSError("disk full")
 

@@ -177,3 +177,19 @@ def test_two_cpu_processes_match_one(tiny_base_folders, tmp_path):
     # Same seed, same examples per step, every target token counted across both processes: only the order of float
     # reductions differs (measured: relative differences below 1e-7).
     assert two == pytest.approx(one, rel=1e-5)
+
+
+def test_stage_one_logs_the_collapse_monitor_and_warm_starts_the_mapping_on_request(tiny_base_folders, tmp_path):
+    runs = {}
+    for name, extra in (("random", ()), ("warm", ("--warm_start_sentences", "16", "--warm_start_pairs", "8"))):
+        runs[name] = train_layalign.main(
+            arguments(tiny_base_folders, tmp_path / name, "--stage", "1", "--learning_rate", "0", "--save_strategy", "no",
+                      *extra)
+        )  # fmt: skip
+    history = json.loads((tmp_path / "random" / "trainer_state.json").read_text())["log_history"]
+    logged = [entry for entry in history if "loss" in entry]
+    assert all(0 < entry["layalign/source_cosine"] <= 1 and entry["layalign/norm_ratio"] > 0 for entry in logged)
+    assert all(entry["layalign/gate_max_abs"] == 0 for entry in logged)
+    # The same seed builds the same random mapping; only the warm start moves it (the learning rate is zero).
+    random, warm = (runs[name].model.input_mapping.down.weight for name in ("random", "warm"))
+    assert not torch.equal(random, warm)
