@@ -1,11 +1,26 @@
 """Configuration of LayAlign: a frozen multilingual encoder fused layer by layer into a frozen LLM."""
 
-from transformers import AutoConfig, PretrainedConfig
+import difflib
+from typing import Literal, get_args
+
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
 
 
-FUSION_STRUCTURES = ("linear", "mlp")
-CHECKPOINT_FORMATS = ("layalign_only", "full")
+logger = logging.get_logger(__name__)
+
+FusionStructure = Literal["linear", "mlp"]
+CheckpointFormat = Literal["layalign_only", "full"]
+FUSION_STRUCTURES = get_args(FusionStructure)
+CHECKPOINT_FORMATS = get_args(CheckpointFormat)
+# Keyword arguments that reach `__post_init__` without being fields and are not typos: what a saved `config.json`
+# carries besides the fields, and what `PretrainedConfig.__post_init__` itself consumes.
+_KNOWN_EXTRA_KWARGS = {
+    "auto_map", "model_type", "transformers_version", "torch_dtype", "num_labels", "name_or_path", "_commit_hash",
+    "output_attentions", "attn_implementation", "experts_implementation", "per_layer_config", "rope_scaling",
+    "rope_theta", *GenerationConfig._get_default_generation_params(),
+}  # fmt: skip
 
 
 class LayAlignConfig(PretrainedConfig):
@@ -64,21 +79,30 @@ class LayAlignConfig(PretrainedConfig):
     llm_name_or_path: str | None = None
     fused_encoder_layers: list[int] | None = None
     adapted_llm_layers: list[int] | None = None
-    fusion_structure: str = "linear"
+    fusion_structure: FusionStructure = "linear"
     use_input_mapping: bool = True
     use_layer_fusion: bool = True
     train_encoder: bool = False
     train_llm: bool = False
     encoder_dropout_in_training: bool = True
-    checkpoint_format: str | None = None
+    checkpoint_format: CheckpointFormat | None = None
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        self._warn_about_unknown_fields(kwargs)
         super().__post_init__(**kwargs)
         if self.fused_encoder_layers is None:
             self.fused_encoder_layers = list(range(self.encoder_config.num_hidden_layers))
         if self.adapted_llm_layers is None:
             self.adapted_llm_layers = list(range(self.text_config.num_hidden_layers))
+        self.validate_architecture()
+
+    def validate_architecture(self):
+        """Checks every field against the others and the two sub-configs; raises a `ValueError` naming the field.
+
+        Normalises the layer lists to sorted lists of distinct ints.
+        """
+        super().validate_architecture()
         self.fused_encoder_layers = _checked_layer_list(
             "fused_encoder_layers", self.fused_encoder_layers, self.encoder_config.num_hidden_layers + 1
         )
@@ -104,6 +128,15 @@ class LayAlignConfig(PretrainedConfig):
             raise ValueError(
                 "At least one of `use_input_mapping` and `use_layer_fusion` must be True, or the encoder is unused."
             )
+
+    def _warn_about_unknown_fields(self, kwargs: dict) -> None:
+        """Warns about keyword arguments that are no field of this config, naming the nearest field: a typo such as
+        `adapted_llm_layer=[0]` would otherwise be stored silently and the default used instead."""
+        fields = sorted(self.__dataclass_fields__)
+        for name in sorted(set(kwargs) - _KNOWN_EXTRA_KWARGS):
+            nearest = difflib.get_close_matches(name, fields, n=1)
+            hint = f"; did you mean `{nearest[0]}`?" if nearest else f". Fields: {', '.join(fields)}."
+            logger.warning(f"`LayAlignConfig` has no field `{name}`: it is stored but nothing reads it{hint}")
 
 
 def _checked_layer_list(name: str, layers, num_layers: int) -> list[int]:

@@ -92,3 +92,17 @@ def test_every_supported_pair_makes_a_valid_config(encoder, llm):
     config = tiny_config(llm, encoder)
     assert config.fused_encoder_layers == list(range(config.encoder_config.num_hidden_layers))
     assert config.adapted_llm_layers == list(range(config.text_config.num_hidden_layers))
+
+
+def test_an_unknown_field_is_warned_about_with_the_nearest_field(caplog):
+    with caplog.at_level("WARNING", logger="modeling_layalign.configuration_layalign"):
+        config = tiny_config(adapted_llm_layer=[0])
+    assert config.adapted_llm_layers == [0, 1]  # the typo did not select a layer
+    assert "no field `adapted_llm_layer`" in caplog.text and "did you mean `adapted_llm_layers`" in caplog.text
+
+
+def test_a_saved_config_reloads_without_warnings(tmp_path, caplog):
+    tiny_config(fusion_structure="mlp").save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="modeling_layalign.configuration_layalign"):
+        AutoConfig.from_pretrained(tmp_path)
+    assert "no field" not in caplog.text

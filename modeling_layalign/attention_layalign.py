@@ -1,0 +1,192 @@
+"""The fusion-enhanced attention of LayAlign, plugged into any supported LLM through `AttentionInterface`.
+
+In every adapted LLM layer, next to the unchanged self-attention, the layer's own queries attend over keys and values
+that its own frozen `k_proj` / `v_proj` project from the fused encoder states, through a separate softmax scaled by a
+learned gate (Ruan et al. 2025, arXiv 2502.11405, Sec. 3.2, "adaptive fusion-enhanced attention"; reference code:
+`AdaptedAttention.forward` in `peft/src/peft/tuners/layalign_prompt/layer.py`, which multiplies the fp32 softmax by
+`adaption_gate` and puts no rotary embedding on the fused keys).
+
+Where we deliberately differ from the reference code: the fused branch masks encoder padding (the reference attends
+over padded encoder tokens too), and it runs as an attention function registered with transformers'
+`AttentionInterface` instead of a forked peft that stores per-batch encoder states on the attention modules. All
+per-batch state arrives as the keyword argument `layalign_fused`, so beam search, `num_return_sequences`, several
+models and several threads never interfere.
+
+## Adding an LLM family
+
+An entry in `LLM_FAMILIES`, keyed by the config's `model_type`, is all a family needs, provided its attention module
+(reached as `llm.get_decoder().layers[i].self_attn`) offers what the fused branch reads:
+
+- `k_proj` and `v_proj`: the frozen projections applied to the fused encoder states;
+- `head_dim`, `scaling` and `layer_idx`;
+- a call of the configured attention function with queries already normed and rotated (every family in
+  transformers 5 does this through `ALL_ATTENTION_FUNCTIONS`), and an `eager_attention_forward` in its modeling file
+  (used when the user picks `attn_implementation="eager"`);
+- and, where the family has them, a per-head key norm applied before RoPE (`k_norm`) and an attention-logit
+  soft-capping value (`softcap`), named in the entry.
+
+`tests/test_attention_layalign.py` checks these attributes for every listed family, so that a transformers upgrade
+that renames one fails loudly.
+"""
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+
+@dataclass(frozen=True)
+class LLMAttentionFamily:
+    """How the fused branch reads one LLM family's attention module.
+
+    Every supported family names its projections `k_proj` / `v_proj`, keeps its query scaling in `scaling` and
+    calls the attention function with queries already normed and rotated. What differs is listed here.
+
+    Attributes:
+        k_norm: attribute of the attention module holding the per-head key norm applied before RoPE, if any.
+        softcap: attribute holding the attention-logit soft-capping value, if the family has one.
+    """
+
+    k_norm: str | None = None
+    softcap: str | None = None
+
+
+LLM_FAMILIES: dict[str, LLMAttentionFamily] = {
+    "llama": LLMAttentionFamily(),
+    "mistral": LLMAttentionFamily(),
+    "qwen2": LLMAttentionFamily(),
+    "qwen3": LLMAttentionFamily(k_norm="k_norm"),
+    "gemma2": LLMAttentionFamily(softcap="attn_logit_softcapping"),
+    "gemma3_text": LLMAttentionFamily(k_norm="k_norm", softcap="attn_logit_softcapping"),
+}
+
+
+
+def llm_family(config) -> LLMAttentionFamily:
+    """Returns the attention family of an LLM config, or raises a `ValueError` naming the supported ones."""
+    if config.model_type not in LLM_FAMILIES:
+        raise ValueError(
+            f"LayAlign does not support the LLM family {config.model_type!r}; supported: {sorted(LLM_FAMILIES)}."
+        )
+    return LLM_FAMILIES[config.model_type]
+
+
+
+@dataclass
+class FusedAttentionInputs:
+    """What the adapted LLM layers read from the encoder during one forward pass.
+
+    It reaches the attention function as the keyword argument `layalign_fused` and is never stored on a module.
+
+    Attributes:
+        key_value: `(batch, num_adapted_layers, 2, num_kv_heads, encoder_len, head_dim)`: for each adapted layer
+            its fused keys (index 0) and values (index 1), already projected by the layer's frozen `k_proj` /
+            `v_proj` (and k-norm). Batch-first so that `generate` expands it for beams and samples.
+        encoder_mask: `(batch, encoder_len)` bool, `True` on real encoder tokens.
+        gates: `(num_adapted_layers,)`, the learned scale of each layer's fused branch.
+        slots: LLM layer index -> position of that layer in `key_value` and `gates`.
+        family: the LLM family's attention details.
+    """
+
+    key_value: torch.Tensor
+    encoder_mask: torch.Tensor
+    gates: torch.Tensor
+    slots: dict[int, int]
+    family: LLMAttentionFamily
+
+
+def fused_branch_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    encoder_mask: torch.Tensor,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Attention of the LLM's queries over the fused encoder keys and values, with its own softmax.
+
+    Args:
+        query: `(batch, num_heads, query_len, head_dim)`, normed and rotated by the LLM layer.
+        key, value: `(batch, num_kv_heads, encoder_len, head_dim)`; no rotary embedding: encoder tokens have no
+            position in the LLM's sequence.
+        encoder_mask: `(batch, encoder_len)` bool, `True` on real encoder tokens.
+
+    Returns:
+        `(batch, query_len, num_heads, head_dim)`, the layout attention functions return.
+    """
+    mask = encoder_mask[:, None, None, :]
+    if softcap is None:
+        output = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=module.scaling, enable_gqa=key.shape[1] != query.shape[1]
+        )
+        return output.transpose(1, 2)
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * module.scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probabilities, value).transpose(1, 2)
+
+
+def _base_attention_function(module: nn.Module, base_implementation: str) -> Callable:
+    if base_implementation == "eager":
+        # "eager" is each modeling file's own function (Gemma 2's applies soft-capping), found next to the module.
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[base_implementation]
+
+
+def layalign_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    base_implementation: str,
+    layalign_fused: FusedAttentionInputs | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Self-attention with the user's chosen implementation, plus the gated fused branch in adapted layers.
+
+    The fused branch is added before `o_proj`, which equals applying `o_proj` to each branch and summing them: the
+    gated branch goes through `o_proj`'s weight, and an `o_proj` bias is added once, not once per branch.
+    """
+    output, weights = _base_attention_function(module, base_implementation)(
+        module, query, key, value, attention_mask, **kwargs
+    )
+    if layalign_fused is None or (slot := layalign_fused.slots.get(module.layer_idx)) is None:
+        return output, weights
+    family = layalign_fused.family
+    softcap = getattr(module, family.softcap, None) if family.softcap else None
+    fused_key, fused_value = layalign_fused.key_value[:, slot].unbind(1)
+    fused = fused_branch_attention(module, query, fused_key, fused_value, layalign_fused.encoder_mask, softcap)
+    return output + layalign_fused.gates[slot].to(output.dtype) * fused, weights
+
+
+def fused_attention_implementation(base_implementation: str) -> str:
+    """Registers (once per process) and returns the name of the LayAlign attention wrapping `base_implementation`.
+
+    The attention mask is registered too, as the base implementation's: transformers builds no mask at all for an
+    implementation it has no mask function for.
+    """
+    if base_implementation.startswith("layalign_"):
+        return base_implementation
+    name = f"layalign_{base_implementation}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        if base_implementation not in ALL_MASK_ATTENTION_FUNCTIONS:
+            raise ValueError(
+                f"LayAlign cannot wrap the attention implementation {base_implementation!r}; use one of "
+                f"{sorted(ALL_MASK_ATTENTION_FUNCTIONS.valid_keys())}."
+            )
+        AttentionInterface.register(name, partial(layalign_attention_forward, base_implementation=base_implementation))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base_implementation])
+    return name
+

@@ -1,0 +1,253 @@
+"""Saving and loading LayAlign checkpoints: the LayAlign-only and full forms, and the atomic folder swap.
+
+The reference code saves the whole model, frozen bases included, as one pickled `pytorch_model.bin`
+(`accelerator.save_model(..., safe_serialization=False)` in `finetune.py`). Here a checkpoint whose bases stay
+frozen holds the LayAlign modules only (a few MB of safetensors) and a config naming the two bases, which
+`from_pretrained` loads first.
+"""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers.modeling_utils import load_state_dict
+from transformers.utils import SAFE_WEIGHTS_NAME, cached_file, logging
+
+from .configuration_layalign import CHECKPOINT_FORMATS, LayAlignConfig
+from .encoders_layalign import encoder_family
+
+
+logger = logging.get_logger(__name__)
+
+# Keyword arguments of `from_pretrained` that locate the LayAlign files themselves.
+LAYALIGN_FILE_KWARGS = ("revision", "subfolder", "code_revision", "trust_remote_code", "_from_auto", "adapter_kwargs")
+# Keyword arguments of `from_pretrained` that also apply to loading the base models.
+SHARED_LOAD_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token")
+
+
+class LayAlignCheckpointMixin:
+    """Building from pretrained bases, and `save_pretrained` / `from_pretrained` in both checkpoint forms.
+
+    Mixed into [`LayAlignForCausalLM`] in front of `PreTrainedModel`; it reads the model's `config` and
+    `layalign_module_names`.
+    """
+
+    @classmethod
+    def from_base_models(
+        cls,
+        encoder: str | os.PathLike | PreTrainedModel,
+        llm: str | os.PathLike | PreTrainedModel,
+        *,
+        config: LayAlignConfig | None = None,
+        encoder_kwargs: dict | None = None,
+        llm_kwargs: dict | None = None,
+        **config_kwargs,
+    ) -> PreTrainedModel:
+        """Builds a fresh LayAlign model from a pretrained encoder and a pretrained LLM.
+
+        Args:
+            encoder: Hub id or folder of the encoder (an encoder-decoder such as mT5 or NLLB gives its encoder), or
+                an already loaded model.
+            llm: Hub id or folder of the causal LM, or an already loaded one.
+            config: a full `LayAlignConfig` to use instead of deriving one (used when loading a checkpoint).
+            encoder_kwargs, llm_kwargs: keyword arguments of `from_pretrained` for each base (`dtype`,
+                `attn_implementation`, `device_map`, `gguf_file`, `quantization_config`, ...).
+            config_kwargs: `LayAlignConfig` fields, e.g. `fused_encoder_layers=[0, 4, 8]`, `fusion_structure="mlp"`.
+
+        The LayAlign modules take the LLM's dtype and device. The config records where the bases came from, so that
+        `save_pretrained` writes a small LayAlign-only checkpoint whenever the bases stay frozen.
+        """
+        encoder = cls._load_encoder(encoder, **(encoder_kwargs or {}))
+        llm = llm if isinstance(llm, PreTrainedModel) else AutoModelForCausalLM.from_pretrained(llm, **(llm_kwargs or {}))
+        if config is None:
+            # An empty mapping keeps each base's own attention implementation (a plain value would replace both).
+            config_kwargs.setdefault("attn_implementation", {})
+            config = LayAlignConfig(
+                encoder_config=encoder.config,
+                text_config=llm.config,
+                encoder_name_or_path=base_model_source(encoder),
+                llm_name_or_path=base_model_source(llm),
+                **config_kwargs,
+            )
+        else:
+            check_base_matches(config.encoder_config, encoder.config, "encoder_name_or_path")
+            check_base_matches(config.text_config, llm.config, "llm_name_or_path")
+        model = cls(config, encoder=encoder, llm=llm)
+        reference = llm.get_input_embeddings().weight
+        for name in cls.layalign_module_names:
+            if (module := getattr(model, name)) is not None:
+                module.to(device=reference.device, dtype=reference.dtype)
+        model.generation_config = GenerationConfig.from_dict(llm.generation_config.to_dict())
+        return model
+
+    @staticmethod
+    def _load_encoder(encoder: str | os.PathLike | PreTrainedModel, **kwargs) -> PreTrainedModel:
+        if not isinstance(encoder, PreTrainedModel):
+            family = encoder_family(AutoConfig.from_pretrained(encoder, **hub_kwargs(kwargs)))
+            encoder = family.pretrained_class.from_pretrained(encoder, **family.model_kwargs, **kwargs)
+        return encoder_family(encoder.config).encoder_part(encoder)
+
+    def is_layalign_key(self, key: str) -> bool:
+        """Whether a state-dict key belongs to the LayAlign modules (not to the encoder or the LLM)."""
+        return key.split(".", 1)[0] in self.layalign_module_names
+
+    def default_checkpoint_format(self) -> str:
+        """`"layalign_only"` when both bases are frozen and named in the config, else `"full"`."""
+        frozen = not (self.config.train_encoder or self.config.train_llm)
+        named = bool(self.config.encoder_name_or_path and self.config.llm_name_or_path)
+        return "layalign_only" if frozen and named else "full"
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *args,
+        checkpoint_format: str | None = None,
+        state_dict: dict | None = None,
+        **kwargs,
+    ) -> None:
+        """`PreTrainedModel.save_pretrained` with a choice of what the checkpoint holds.
+
+        Args:
+            checkpoint_format: `"layalign_only"` (the config and the LayAlign modules; the bases reload from
+                `encoder_name_or_path` / `llm_name_or_path`) or `"full"` (every weight). Defaults to
+                [`default_checkpoint_format`], so `Trainer` checkpoints of frozen-base training are small.
+
+        The files are written to a temporary folder next to `save_directory` and moved in with `config.json` last,
+        so an interrupted save never leaves a folder that loads a mix of old and new files.
+        """
+        checkpoint_format = checkpoint_format or self.default_checkpoint_format()
+        if checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(f"`checkpoint_format` must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}.")
+        if checkpoint_format == "layalign_only":
+            if not (self.config.encoder_name_or_path and self.config.llm_name_or_path):
+                raise ValueError(
+                    "A LayAlign-only checkpoint needs `config.encoder_name_or_path` and `config.llm_name_or_path` to "
+                    "reload the bases from; set them or save with `checkpoint_format='full'`."
+                )
+            state_dict = self.state_dict() if state_dict is None else state_dict
+            state_dict = {key: value for key, value in state_dict.items() if self.is_layalign_key(key)}
+        self.config.checkpoint_format = checkpoint_format
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": _class_reference(type(self))}
+        save_directory = Path(save_directory)
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", save_directory.name)
+        save_directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{save_directory.name}.", dir=save_directory.parent))
+        try:
+            super().save_pretrained(staging, *args, state_dict=state_dict, **kwargs)
+            _replace_folder_contents(staging, save_directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, config=None, **kwargs):
+        """Loads either checkpoint form, from a folder or the Hub.
+
+        A full checkpoint loads like any transformers model. A LayAlign-only one first loads the encoder and the LLM
+        from the sources its config names, or from `encoder_name_or_path=` / `llm_name_or_path=` given here (`dtype`,
+        `device_map`, `attn_implementation`, `quantization_config` and the download options apply to them), then the
+        LayAlign weights, and fails if any LayAlign weight is missing or unexpected: plain
+        `PreTrainedModel.from_pretrained` would silently give random bases instead.
+        """
+        if not isinstance(config, PretrainedConfig):
+            file_kwargs = {key: kwargs[key] for key in ("revision", "subfolder", *SHARED_LOAD_KWARGS) if key in kwargs}
+            config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **file_kwargs)
+        for source_field in ("encoder_name_or_path", "llm_name_or_path"):
+            # The bases of a LayAlign-only checkpoint may live elsewhere on this machine than where they were trained.
+            if (source := kwargs.pop(source_field, None)) is not None:
+                setattr(config, source_field, os.fspath(source))
+        if config.checkpoint_format != "layalign_only":
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        return cls._from_layalign_only(pretrained_model_name_or_path, config, **kwargs)
+
+    @classmethod
+    def _from_layalign_only(cls, path: str | os.PathLike, config: LayAlignConfig, **kwargs) -> PreTrainedModel:
+        file_kwargs = {key: kwargs.pop(key) for key in LAYALIGN_FILE_KWARGS if key in kwargs}
+        shared = {key: kwargs[key] for key in SHARED_LOAD_KWARGS if key in kwargs}
+        download = {**shared, **{key: file_kwargs[key] for key in ("revision", "subfolder") if key in file_kwargs}}
+        weights_file = cached_file(path, SAFE_WEIGHTS_NAME, **download)
+        logger.info(
+            f"{path} holds the LayAlign weights only: loading the encoder from {config.encoder_name_or_path} and the "
+            f"LLM from {config.llm_name_or_path} first."
+        )
+        encoder_kwargs, llm_kwargs = dict(kwargs), dict(kwargs)
+        if isinstance(implementation := kwargs.get("attn_implementation"), dict):
+            # Routed by sub-config name, as `from_pretrained` routes it for a full checkpoint.
+            for base_kwargs, key in ((encoder_kwargs, "encoder_config"), (llm_kwargs, "text_config")):
+                base_kwargs.pop("attn_implementation")
+                if key in implementation:
+                    base_kwargs["attn_implementation"] = implementation[key]
+        model = cls.from_base_models(
+            config.encoder_name_or_path,
+            config.llm_name_or_path,
+            config=config,
+            encoder_kwargs=encoder_kwargs,
+            llm_kwargs=llm_kwargs,
+        )
+        model.load_layalign_state_dict(load_state_dict(weights_file))
+        generation_file = cached_file(
+            path, "generation_config.json", _raise_exceptions_for_missing_entries=False, **download
+        )
+        if generation_file is not None:
+            model.generation_config = GenerationConfig.from_pretrained(path, **download)
+        model.eval()
+        return model
+
+    def load_layalign_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Loads the LayAlign modules' weights; raises if one is missing or a key is not a LayAlign weight."""
+        unexpected = sorted(key for key in state_dict if not self.is_layalign_key(key))
+        if unexpected:
+            raise ValueError(f"A LayAlign-only checkpoint must hold LayAlign weights only; it also holds {unexpected[:5]}.")
+        result = self.load_state_dict(state_dict, strict=False)
+        missing = sorted(key for key in result.missing_keys if self.is_layalign_key(key))
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"The LayAlign checkpoint does not fit this model: missing {missing}, unexpected "
+                f"{sorted(result.unexpected_keys)}."
+            )
+
+
+
+def hub_kwargs(kwargs: dict) -> dict:
+    return {key: kwargs[key] for key in (*SHARED_LOAD_KWARGS, "revision", "subfolder", "trust_remote_code") if key in kwargs}
+
+
+def base_model_source(model: PreTrainedModel) -> str | None:
+    """Where a loaded base model came from, as an absolute path for local folders; `None` when built from a config."""
+    source = model.config._name_or_path
+    if not source:
+        return None
+    return os.path.abspath(source) if os.path.isdir(source) else source
+
+
+def check_base_matches(expected, loaded, source_field: str) -> None:
+    for attribute in ("model_type", "hidden_size", "num_hidden_layers"):
+        if getattr(expected, attribute) != getattr(loaded, attribute):
+            raise ValueError(
+                f"The base model loaded from `{source_field}` has {attribute}={getattr(loaded, attribute)!r}, but the "
+                f"LayAlign checkpoint was trained on {attribute}={getattr(expected, attribute)!r}."
+            )
+
+
+def _class_reference(cls: type) -> str:
+    """`module_file.ClassName`, the form of an `auto_map` entry."""
+    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+
+def _replace_folder_contents(staging: Path, target: Path) -> None:
+    """Moves a finished save from `staging` into `target`, `config.json` last.
+
+    The old `config.json` goes first, so that from then until the new one lands the folder does not load at all;
+    weight files of an earlier save that the new one does not have are removed.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "config.json").unlink(missing_ok=True)
+    new_files = {path.name for path in staging.iterdir()}
+    for stale in target.iterdir():
+        if stale.is_file() and stale.name not in new_files and stale.name.startswith("model") and ".safetensors" in stale.name:
+            stale.unlink()
+    for path in sorted(staging.iterdir(), key=lambda item: item.name == "config.json"):
+        os.replace(path, target / path.name)

@@ -1,0 +1,86 @@
+"""The encoder families LayAlign reads, keyed by `model_type`: how to build, load and run each one.
+
+The reference code takes `AutoModel.from_pretrained(...).get_encoder()` for mT5 and the model itself for BERT-style
+and decoder-only encoders, choosing by substrings of the checkpoint path (`LayAlign.__init__` in `LayAlign.py`); the
+table below makes that choice by `model_type`, and adds position ids that skip left padding for decoder-only
+encoders.
+"""
+
+from dataclasses import dataclass, field
+
+from transformers import AutoModel, AutoModelForTextEncoding, PreTrainedModel
+from transformers.models.m2m_100.modeling_m2m_100 import M2M100Encoder, M2M100Model
+
+from .attention_layalign import LLM_FAMILIES
+
+
+@dataclass(frozen=True)
+class EncoderFamily:
+    """How to build, load and run one family of encoders.
+
+    Attributes:
+        model_class: the encoder's class inside LayAlign, or the auto class that picks it from the config.
+        pretrained_class: class whose `from_pretrained` loads a checkpoint of the family.
+        takes_encoder: the loaded model is an encoder-decoder; keep its `get_encoder()`.
+        causal: a decoder-only LM used as encoder; it needs position ids that skip left padding.
+        model_kwargs: keyword arguments for building and loading the encoder (BERT-style models drop the pooler,
+            which LayAlign never reads).
+    """
+
+    model_class: type
+    pretrained_class: type
+    takes_encoder: bool = False
+    causal: bool = False
+    model_kwargs: dict = field(default_factory=dict)
+
+    def encoder_class(self, config) -> type:
+        """The class of the encoder module for `config`, the same whether built from a config or loaded."""
+        mapping = getattr(self.model_class, "_model_mapping", None)
+        return mapping[type(config)] if mapping is not None else self.model_class
+
+    def build(self, config) -> PreTrainedModel:
+        """The encoder with random weights (or on the meta device, inside `from_pretrained`)."""
+        return self.encoder_class(config)._from_config(config, **self.model_kwargs)
+
+    def encoder_part(self, model: PreTrainedModel) -> PreTrainedModel:
+        """The module LayAlign runs as encoder: `model` itself, its encoder, or a causal LM's base model."""
+        expected = self.encoder_class(model.config)
+        if type(model) is not expected:
+            if self.takes_encoder:
+                model = model.get_encoder()
+            elif self.causal:
+                model = model.get_decoder()
+        if type(model) is not expected:
+            raise ValueError(
+                f"The encoder must be a {expected.__name__} (or a model holding one), got {type(model).__name__}."
+            )
+        return model
+
+
+_BIDIRECTIONAL = EncoderFamily(AutoModelForTextEncoding, AutoModelForTextEncoding)
+_BERT_STYLE = EncoderFamily(AutoModelForTextEncoding, AutoModelForTextEncoding, model_kwargs={"add_pooling_layer": False})
+_NLLB = EncoderFamily(M2M100Encoder, M2M100Model, takes_encoder=True)
+_DECODER_ONLY = EncoderFamily(AutoModel, AutoModel, causal=True)
+
+ENCODER_FAMILIES: dict[str, EncoderFamily] = {
+    "t5": _BIDIRECTIONAL,
+    "mt5": _BIDIRECTIONAL,
+    "umt5": _BIDIRECTIONAL,
+    "bert": _BERT_STYLE,
+    "roberta": _BERT_STYLE,
+    "xlm-roberta": _BERT_STYLE,
+    "m2m_100": _NLLB,
+    **{model_type: _DECODER_ONLY for model_type in LLM_FAMILIES},
+}
+
+
+
+def encoder_family(config) -> EncoderFamily:
+    """Returns the family of an encoder config, or raises a `ValueError` naming the supported ones."""
+    if config.model_type not in ENCODER_FAMILIES:
+        raise ValueError(
+            f"LayAlign does not support the encoder family {config.model_type!r}; "
+            f"supported: {sorted(ENCODER_FAMILIES)}."
+        )
+    return ENCODER_FAMILIES[config.model_type]
+

@@ -1,0 +1,120 @@
+"""The trainable LayAlign modules: input mapping, boundary, layer-wise fusion and gates.
+
+These are the only parameters LayAlign trains (33.57M for mT5-xl + a 7B Llama, as in the paper). Their state-dict
+names (`input_mapping.up/down`, `boundary.embedding`, `fusion.layer_mix/projection/refine`, `gates.layers.<i>.gate`)
+are a public checkpoint format.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+
+class LayAlignInputMapping(nn.Module):
+    """Maps the encoder's final states into the LLM's embedding space (MindMerger's input alignment).
+
+    `Linear(d_enc, 2 d_enc) -> ReLU -> Linear(2 d_enc, d_llm)` (paper Sec. 3.1; reference code: `MLP` in
+    `LayAlign.py`, there `mapping.mlp.linear1` / `linear2`).
+    """
+
+    def __init__(self, encoder_hidden_size: int, llm_hidden_size: int):
+        super().__init__()
+        self.up = nn.Linear(encoder_hidden_size, 2 * encoder_hidden_size)
+        self.down = nn.Linear(2 * encoder_hidden_size, llm_hidden_size)
+
+    def forward(self, encoder_states: torch.Tensor) -> torch.Tensor:
+        """`(batch, encoder_len, d_enc)` -> `(batch, encoder_len, d_llm)`."""
+        return self.down(F.relu(self.up(encoder_states)))
+
+
+class LayAlignBoundary(nn.Module):
+    """The learned vector that separates the mapped encoder tokens from the text; starts at zero.
+
+    Reference code: `Mapping.end_boundary` in `LayAlign.py`, a `(1, 1, d_llm)` zero-initialised parameter.
+    """
+
+    def __init__(self, llm_hidden_size: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.zeros(llm_hidden_size))
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        """Returns `(batch, 1, d_llm)`."""
+        return self.embedding.expand(batch_size, 1, -1)
+
+
+class LayAlignLayerFusion(nn.Module):
+    """Mixes the encoder's layers into one key source and one value source per adapted LLM layer.
+
+    A linear map over the layer axis, `Linear(N_enc, 2M)`, gives each of the `2M` sources its own learned mix of all
+    encoder layers; after a ReLU a shared `Linear(d_enc, d_llm)` brings them to the LLM's width ("mlp" adds a ReLU
+    and `Linear(d_llm, d_llm)`). Source `2m` feeds the keys of adapted layer `m`, source `2m + 1` its values.
+
+    Paper Sec. 3.2 ("layer-wise adaptive fusion"); reference code: `WeightedLinearProjector` in
+    `layer_wise_aligner.py` (`fc1` over the layer axis, `fc2`, and `fc3` for the "MLP" structure).
+    """
+
+    def __init__(
+        self, num_encoder_layers: int, num_adapted_layers: int, encoder_hidden_size: int, llm_hidden_size: int, structure: str
+    ):
+        super().__init__()
+        self.layer_mix = nn.Linear(num_encoder_layers, 2 * num_adapted_layers)
+        self.projection = nn.Linear(encoder_hidden_size, llm_hidden_size)
+        self.refine = nn.Linear(llm_hidden_size, llm_hidden_size) if structure == "mlp" else None
+
+    def forward(self, encoder_layers: torch.Tensor) -> torch.Tensor:
+        """`(batch, encoder_len, d_enc, N_enc)` -> `(batch, encoder_len, 2M, d_llm)`.
+
+        The layer axis comes last so that `layer_mix` applies to it without a copy of the stacked states.
+        """
+        mixed = F.relu(self.layer_mix(encoder_layers)).transpose(2, 3)
+        fused = self.projection(mixed)
+        if self.refine is not None:
+            fused = self.refine(F.relu(fused))
+        return fused
+
+
+class LayAlignGate(nn.Module):
+    """The learned scale of one adapted layer's fused branch; exactly zero at initialisation.
+
+    Reference code: `AdaptedAttention.adaption_gate` in `peft/src/peft/tuners/layalign_prompt/layer.py`.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(1))
+
+
+class LayAlignGates(nn.Module):
+    """One [`LayAlignGate`] per adapted LLM layer, in `layers`, keyed by the layer's index."""
+
+    def __init__(self, adapted_layers: list[int]):
+        super().__init__()
+        self.layers = nn.ModuleDict({str(layer): LayAlignGate() for layer in adapted_layers})
+
+    def forward(self) -> torch.Tensor:
+        """`(num_adapted_layers,)`, in the order of `adapted_llm_layers`.
+
+        Read through a call rather than by key, so that the gates work the same when peft wraps this module.
+        """
+        return torch.cat([gate.gate for gate in self.layers.values()])
+
+
+@dataclass
+class LayAlignEncoderOutput(ModelOutput):
+    """What [`LayAlignForCausalLM.encode`] computes once per batch of source texts.
+
+    Attributes:
+        mapped_embeds: `(batch, encoder_len, d_llm)`, the final encoder states in the LLM's embedding space, or
+            `None` without input mapping.
+        fused_kv: `(batch, num_adapted_layers, 2, num_kv_heads, encoder_len, head_dim)`, the fused keys and values
+            of every adapted layer, or `None` without layer fusion.
+        attention_mask: `(batch, encoder_len)`, 1 on real encoder tokens.
+    """
+
+    mapped_embeds: torch.Tensor | None = None
+    fused_kv: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+
