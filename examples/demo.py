@@ -19,15 +19,9 @@ from pathlib import Path
 
 import sacrebleu
 import torch
-
-
-REPOSITORY = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPOSITORY))
-sys.path.insert(0, str(REPOSITORY / "examples"))
-
-import train_layalign  # noqa: E402
-from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor  # noqa: E402
-from modeling_layalign.data import (  # noqa: E402
+from layalign_demo import prepare_demo_models
+from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
+from modeling_layalign.data import (
     LANGUAGE_NAMES,
     MATH_PROMPT,
     TRANSLATION_PROMPT,
@@ -35,16 +29,19 @@ from modeling_layalign.data import (  # noqa: E402
     load_mgsm,
     load_translation_pairs,
 )
-from modeling_layalign.evaluation import (  # noqa: E402
+from modeling_layalign.evaluation import (
     alignment_scores,
     is_correct_number,
     layalign_generate,
     llm_generate,
     llm_target_loss,
 )
-from modeling_layalign.monitoring import mapping_statistics  # noqa: E402
-from modeling_layalign.offline_models import prepare_demo_models  # noqa: E402
+from modeling_layalign.monitoring import mapping_statistics
 
+import train_layalign
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 STAGE_ONE_STEPS = 45
 HELD_OUT = 100  # the demo preset's `held_out`: the last 100 question lines, in no training run
@@ -78,9 +75,9 @@ def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument("--scale", type=float, default=1.0, help="Multiplies training steps and evaluation sizes.")
-    parser.add_argument("--compare-mindmerger", action="store_true", help="Also train stage 1 without layer fusion.")
+    parser.add_argument("--compare_mindmerger", action="store_true", help="Also train stage 1 without layer fusion.")
     parser.add_argument("--eval_languages", nargs="+", default=["ja", "zh", "ru"])
-    parser.add_argument("--skip-training", action="store_true", help="Evaluate the models already in --output_dir.")
+    parser.add_argument("--skip_training", action="store_true", help="Evaluate the models already in --output_dir.")
     return parser.parse_args()
 
 

@@ -2,7 +2,7 @@
 
     python examples/evaluate_layalign.py --model outputs/demo/stage2 --benchmark mgsm
     python examples/evaluate_layalign.py --model user/layalign-math --benchmark msvamp --baseline --limit 100
-    python examples/evaluate_layalign.py --model ... --benchmark xcsqa --data-dir /path/with/x-csqa \\
+    python examples/evaluate_layalign.py --model ... --benchmark xcsqa --data_dir /path/with/x-csqa \\
         --generation num_beams=4
 
 Greedy decoding by default (the paper's setting); `--generation key=value ...` overrides any `GenerationConfig`
@@ -13,17 +13,12 @@ language's accuracy and count.
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-
-REPOSITORY = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPOSITORY))
-
-from modeling_layalign.data import default_data_dir  # noqa: E402
-from modeling_layalign.evaluation import BENCHMARKS, MGSM_DEFAULT_LANGUAGES, paper_table, run_benchmark, score  # noqa: E402
+from modeling_layalign.data import default_data_dir
+from modeling_layalign.evaluation import BENCHMARKS, MGSM_DEFAULT_LANGUAGES, paper_table, run_benchmark, score
 
 
 def parse_generation_overrides(pairs: list[str]) -> dict:
@@ -46,9 +41,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
     parser.add_argument("--languages", nargs="+", help="Default: the paper's columns (MGSM: add `te` to include Telugu).")
     parser.add_argument("--limit", type=int, help="At most this many problems per language.")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, help="Default: enough for the benchmark's answers.")
-    parser.add_argument("--data-dir", default=None, help="Folder in the reference layout (default: the shipped data/).")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_new_tokens", type=int, help="Default: enough for the benchmark's answers.")
+    parser.add_argument("--data_dir", default=None, help="Folder in the reference layout (default: the shipped data/).")
     parser.add_argument("--output", help="JSON results file (default: <model folder>/eval_<benchmark>.json, or ./).")
     parser.add_argument("--baseline", action="store_true", help="Also evaluate the LLM alone on the same prompts.")
     parser.add_argument("--generation", nargs="*", default=[], metavar="KEY=VALUE", help="GenerationConfig overrides.")

@@ -10,19 +10,17 @@ import argparse
 import json
 import math
 import string
-import sys
 from pathlib import Path
 
 from safetensors import safe_open
 from transformers import AutoConfig
 from transformers.utils import logging
 
+from layalign_demo import hub_id_of
+from modeling_layalign.evaluation import BENCHMARKS, paper_table
+
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPOSITORY))
-
-from modeling_layalign.evaluation import BENCHMARKS, paper_table  # noqa: E402
-from modeling_layalign.offline_models import hub_id_of  # noqa: E402
 
 
 logger = logging.get_logger(__name__)

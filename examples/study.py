@@ -20,21 +20,17 @@ source inside a translation prompt.
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
+from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
+from modeling_layalign.data import held_out_lines, load_translation_pairs
+from modeling_layalign.evaluation import alignment_scores, layalign_target_loss
+from modeling_layalign.monitoring import mapping_statistics
 
-REPOSITORY = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPOSITORY / "examples"))
-
-import train_layalign  # noqa: E402
-from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor  # noqa: E402
-from modeling_layalign.data import held_out_lines, load_translation_pairs  # noqa: E402
-from modeling_layalign.evaluation import alignment_scores, layalign_target_loss  # noqa: E402
-from modeling_layalign.monitoring import mapping_statistics  # noqa: E402
+import train_layalign
 
 
 SYSTEMS = {

@@ -22,12 +22,8 @@ import torch
 from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
-
-REPOSITORY = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPOSITORY))
-
-from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor  # noqa: E402
-from modeling_layalign.data import (  # noqa: E402
+from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
+from modeling_layalign.data import (
     MATH_PROMPT,
     PAIR_LANGUAGES,
     LayAlignDataCollator,
@@ -37,8 +33,11 @@ from modeling_layalign.data import (  # noqa: E402
     load_translation_pairs,
     tokenize_for_stage,
 )
-from modeling_layalign.monitoring import MappingCollapseCallback  # noqa: E402
-from modeling_layalign.warm_start import warm_start_input_mapping  # noqa: E402
+from modeling_layalign.monitoring import MappingCollapseCallback
+from modeling_layalign.warm_start import warm_start_input_mapping
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 
 logger = logging.get_logger("train_layalign")
@@ -139,7 +138,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[L
         return model, processor
     encoder, llm = model_args.encoder, model_args.llm
     if model_args.demo_models:
-        from modeling_layalign.offline_models import ENCODER_TEXT_PREFIX, prepare_demo_models
+        from layalign_demo import ENCODER_TEXT_PREFIX, prepare_demo_models
 
         encoder, llm = (str(path) for path in prepare_demo_models())
         model_args.encoder_text_prefix = model_args.encoder_text_prefix or ENCODER_TEXT_PREFIX

@@ -18,6 +18,7 @@ from transformers.utils import SAFE_WEIGHTS_NAME, cached_file, logging
 
 from .configuration_layalign import CHECKPOINT_FORMATS, LayAlignConfig
 from .encoders_layalign import encoder_family
+from .pipeline_layalign import custom_pipelines_entry
 
 
 logger = logging.get_logger(__name__)
@@ -131,6 +132,8 @@ class LayAlignCheckpointMixin:
             state_dict = {key: value for key, value in state_dict.items() if self.is_layalign_key(key)}
         self.config.checkpoint_format = checkpoint_format
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": _class_reference(type(self))}
+        # `pipeline("text-generation", model=<this folder>, trust_remote_code=True)` then runs `pipeline_layalign.py`.
+        self.config.custom_pipelines = custom_pipelines_entry()
         save_directory = Path(save_directory)
         if kwargs.get("push_to_hub"):
             kwargs.setdefault("repo_id", save_directory.name)

@@ -17,7 +17,7 @@ CHECKPOINT_FORMATS = get_args(CheckpointFormat)
 # Keyword arguments that reach `__post_init__` without being fields and are not typos: what a saved `config.json`
 # carries besides the fields, and what `PretrainedConfig.__post_init__` itself consumes.
 _KNOWN_EXTRA_KWARGS = {
-    "auto_map", "model_type", "transformers_version", "torch_dtype", "num_labels", "name_or_path", "_commit_hash",
+    "auto_map", "custom_pipelines", "model_type", "transformers_version", "torch_dtype", "num_labels", "name_or_path", "_commit_hash",
     "output_attentions", "attn_implementation", "experts_implementation", "per_layer_config", "rope_scaling",
     "rope_theta", *GenerationConfig._get_default_generation_params(),
 }  # fmt: skip
@@ -132,10 +132,10 @@ class LayAlignConfig(PretrainedConfig):
     def _warn_about_unknown_fields(self, kwargs: dict) -> None:
         """Warns about keyword arguments that are no field of this config, naming the nearest field: a typo such as
         `adapted_llm_layer=[0]` would otherwise be stored silently and the default used instead."""
-        fields = sorted(self.__dataclass_fields__)
+        fields = sorted(name for name in self.__dataclass_fields__ if not name.startswith("_"))
         for name in sorted(set(kwargs) - _KNOWN_EXTRA_KWARGS):
             nearest = difflib.get_close_matches(name, fields, n=1)
-            hint = f"; did you mean `{nearest[0]}`?" if nearest else f". Fields: {', '.join(fields)}."
+            hint = f"; did you mean `{nearest[0]}`?" if nearest else f". LayAlign's fields: {', '.join(LAYALIGN_FIELDS)}."
             logger.warning(f"`LayAlignConfig` has no field `{name}`: it is stored but nothing reads it{hint}")
 
 
@@ -155,6 +155,8 @@ def _checked_layer_list(name: str, layers, num_layers: int) -> list[int]:
         raise ValueError(f"`{name}` names a layer twice: {layers}.")
     return sorted(layers)
 
+
+LAYALIGN_FIELDS = tuple(name for name in LayAlignConfig.__annotations__ if not name.startswith("_"))
 
 LayAlignConfig.register_for_auto_class()
 

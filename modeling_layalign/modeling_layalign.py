@@ -9,11 +9,9 @@ per-layer mix of all encoder layers (layer-wise fusion, `attention_layalign.py`)
 on purpose, the docstring says so.
 """
 
-import os
-
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg

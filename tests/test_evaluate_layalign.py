@@ -17,7 +17,7 @@ def test_cli_writes_results_and_prints_the_paper_table(tiny_layalign_folder, tmp
     output = tmp_path / "results.json"
     report = evaluate_layalign.main(
         ["--model", tiny_layalign_folder, "--benchmark", benchmark, "--languages", "sw", "zh", "en", "--limit", "4",
-         "--batch-size", "3", "--max-new-tokens", "4", "--baseline", "--output", str(output)]
+         "--batch_size", "3", "--max_new_tokens", "4", "--baseline", "--output", str(output)]
     )  # fmt: skip
     saved = json.loads(output.read_text())
     assert saved == json.loads(json.dumps(report))
@@ -34,11 +34,11 @@ def test_cli_writes_results_and_prints_the_paper_table(tiny_layalign_folder, tmp
 def test_generation_overrides_reach_generate(tiny_layalign_folder, tmp_path):
     greedy = evaluate_layalign.main(
         ["--model", tiny_layalign_folder, "--benchmark", "mgsm", "--languages", "de", "--limit", "2",
-         "--max-new-tokens", "3", "--output", str(tmp_path / "a.json")]
+         "--max_new_tokens", "3", "--output", str(tmp_path / "a.json")]
     )  # fmt: skip
     beams = evaluate_layalign.main(
         ["--model", tiny_layalign_folder, "--benchmark", "mgsm", "--languages", "de", "--limit", "2",
-         "--max-new-tokens", "3", "--output", str(tmp_path / "b.json"), "--generation", "num_beams=2", "length_penalty=0.5"]
+         "--max_new_tokens", "3", "--output", str(tmp_path / "b.json"), "--generation", "num_beams=2", "length_penalty=0.5"]
     )  # fmt: skip
     assert beams["generation"] == {"max_new_tokens": 3, "num_beams": 2, "length_penalty": 0.5}
     assert len(beams["systems"]["LayAlign"]["examples"]) == len(greedy["systems"]["LayAlign"]["examples"]) == 2

@@ -18,7 +18,7 @@ def test_card_carries_metadata_and_results(tiny_layalign_folder, tiny_base_folde
     report = tmp_path / "eval_mgsm.json"
     evaluate_layalign.main(
         ["--model", tiny_layalign_folder, "--benchmark", "mgsm", "--languages", "sw", "en", "--limit", "2",
-         "--max-new-tokens", "3", "--baseline", "--output", str(report)]
+         "--max_new_tokens", "3", "--baseline", "--output", str(report)]
     )  # fmt: skip
     card_path = make_model_card.main(["--model", tiny_layalign_folder, "--results", str(report), "--repo_id", "me/tiny"])
     card = card_path.read_text()
@@ -44,7 +44,7 @@ def test_base_models_can_name_hub_ids(tiny_layalign_folder):
 
 
 def test_demo_folders_are_named_by_their_hub_models(tiny_layalign_folder, tmp_path):
-    from modeling_layalign.offline_models import ENCODER_PACKAGE, LLM_PACKAGE, MARKER_FILE
+    from layalign_demo.offline_models import ENCODER_PACKAGE, LLM_PACKAGE, MARKER_FILE
 
     model = shutil.copytree(tiny_layalign_folder, tmp_path / "model")
     config = json.loads((model / "config.json").read_text())

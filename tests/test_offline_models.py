@@ -17,8 +17,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForTextEncoding, AutoTokenizer, PreTrainedTokenizerFast
 
-from modeling_layalign import offline_models
-from modeling_layalign.offline_models import (
+from layalign_demo import e5s1, offline_models
+from layalign_demo.offline_models import (
     ENCODER_LOAD_KWARGS,
     ENCODER_TEXT_PREFIX,
     MARKER_FILE,
@@ -140,7 +140,7 @@ def test_second_call_reuses_the_folder_quickly(demo, monkeypatch):
         raise AssertionError("converted again")
 
     monkeypatch.setattr(offline_models, "_convert_llm", fail)
-    monkeypatch.setattr(offline_models, "_convert_encoder", fail)
+    monkeypatch.setattr(offline_models, "convert_encoder", fail)
     monkeypatch.setenv("LAYALIGN_CACHE", str(demo.cache))
     start = time.perf_counter()
     assert prepare_llm(demo.cache) == demo.llm_dir
@@ -193,7 +193,7 @@ def test_q4_0_block_layout():
     low, high = np.arange(16, dtype=np.uint8), np.arange(15, -1, -1, dtype=np.uint8)
     block = np.concatenate([np.frombuffer(np.float16(0.5).tobytes(), np.uint8), low | (high << 4)])[None]
     expected = np.concatenate([low.astype(np.float32) - 8, high.astype(np.float32) - 8]) * 0.5
-    np.testing.assert_array_equal(offline_models._dequantize_q4_0(block), expected)
+    np.testing.assert_array_equal(e5s1._dequantize_q4_0(block), expected)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
