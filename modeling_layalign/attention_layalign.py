@@ -85,20 +85,29 @@ class FusedAttentionInputs:
     It reaches the attention function as the keyword argument `layalign_fused` and is never stored on a module.
 
     Attributes:
-        key_value: `(batch, num_adapted_layers, 2, num_kv_heads, encoder_len, head_dim)`: for each adapted layer
-            its fused keys (index 0) and values (index 1), already projected by the layer's frozen `k_proj` /
-            `v_proj` (and k-norm). Batch-first so that `generate` expands it for beams and samples.
-        encoder_mask: `(batch, encoder_len)` bool, `True` on real encoder tokens.
-        gates: `(num_adapted_layers,)`, the learned scale of each layer's fused branch.
-        slots: LLM layer index -> position of that layer in `key_value` and `gates`.
+        keys, values: one `(batch, num_kv_heads, encoder_len, head_dim)` tensor per adapted layer, already
+            projected by the layer's frozen `k_proj` / `v_proj` (and k-norm), the values already scaled by the
+            layer's gate. The model unbinds its `fused_kv` into these once per pass: no per-layer indexing at every
+            decoding step, and a backward pass that stacks the layers' gradients once instead of zero-filling a
+            whole-`fused_kv` gradient per layer.
+        encoder_bias: `(batch, 1, 1, encoder_len)`, 0 on real encoder tokens and the dtype's minimum on padding,
+            added to the fused branch's attention scores; built once per pass for every layer.
+        slots: LLM layer index -> position of that layer in `keys` and `values`.
         family: the LLM family's attention details.
     """
 
-    key_value: torch.Tensor
-    encoder_mask: torch.Tensor
-    gates: torch.Tensor
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    encoder_bias: torch.Tensor
     slots: dict[int, int]
     family: LLMAttentionFamily
+
+
+def encoder_attention_bias(encoder_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`(batch, encoder_len)` mask -> `(batch, 1, 1, encoder_len)` additive bias: 0 on real tokens, the minimum of
+    `dtype` on padding (not -inf, so that a source that is all padding gives no NaN)."""
+    bias = torch.zeros(encoder_mask.shape, dtype=dtype, device=encoder_mask.device)
+    return bias.masked_fill(encoder_mask == 0, torch.finfo(dtype).min)[:, None, None, :]
 
 
 def fused_branch_attention(
@@ -106,7 +115,7 @@ def fused_branch_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    encoder_mask: torch.Tensor,
+    encoder_bias: torch.Tensor,
     softcap: float | None,
 ) -> torch.Tensor:
     """Attention of the LLM's queries over the fused encoder keys and values, with its own softmax.
@@ -115,23 +124,22 @@ def fused_branch_attention(
         query: `(batch, num_heads, query_len, head_dim)`, normed and rotated by the LLM layer.
         key, value: `(batch, num_kv_heads, encoder_len, head_dim)`; no rotary embedding: encoder tokens have no
             position in the LLM's sequence.
-        encoder_mask: `(batch, encoder_len)` bool, `True` on real encoder tokens.
+        encoder_bias: `(batch, 1, 1, encoder_len)` from [`encoder_attention_bias`].
 
     Returns:
         `(batch, query_len, num_heads, head_dim)`, the layout attention functions return.
     """
-    mask = encoder_mask[:, None, None, :]
+    encoder_bias = encoder_bias.to(query.dtype)
     if softcap is None:
         output = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, scale=module.scaling, enable_gqa=key.shape[1] != query.shape[1]
+            query, key, value, attn_mask=encoder_bias, scale=module.scaling, enable_gqa=key.shape[1] != query.shape[1]
         )
         return output.transpose(1, 2)
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
     scores = torch.matmul(query, key.transpose(2, 3)) * module.scaling
-    scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    scores = torch.tanh(scores / softcap) * softcap + encoder_bias
     probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     return torch.matmul(probabilities, value).transpose(1, 2)
 
@@ -157,7 +165,8 @@ def layalign_attention_forward(
     """Self-attention with the user's chosen implementation, plus the gated fused branch in adapted layers.
 
     The fused branch is added before `o_proj`, which equals applying `o_proj` to each branch and summing them: the
-    gated branch goes through `o_proj`'s weight, and an `o_proj` bias is added once, not once per branch.
+    gated branch goes through `o_proj`'s weight, and an `o_proj` bias is added once, not once per branch. Its gate
+    is already in the fused values (see `LayAlignForCausalLM._project_fused_states`).
     """
     output, weights = _base_attention_function(module, base_implementation)(
         module, query, key, value, attention_mask, **kwargs
@@ -166,9 +175,10 @@ def layalign_attention_forward(
         return output, weights
     family = layalign_fused.family
     softcap = getattr(module, family.softcap, None) if family.softcap else None
-    fused_key, fused_value = layalign_fused.key_value[:, slot].unbind(1)
-    fused = fused_branch_attention(module, query, fused_key, fused_value, layalign_fused.encoder_mask, softcap)
-    return output + layalign_fused.gates[slot].to(output.dtype) * fused, weights
+    fused = fused_branch_attention(
+        module, query, layalign_fused.keys[slot], layalign_fused.values[slot], layalign_fused.encoder_bias, softcap
+    )
+    return output + fused.to(output.dtype), weights
 
 
 def fused_attention_implementation(base_implementation: str) -> str:

@@ -16,7 +16,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .attention_layalign import FusedAttentionInputs, fused_attention_implementation, llm_family
+from .attention_layalign import FusedAttentionInputs, encoder_attention_bias, fused_attention_implementation, llm_family
 from .checkpoint_layalign import LayAlignCheckpointMixin
 from .configuration_layalign import LayAlignConfig
 from .encoders_layalign import encoder_family
@@ -184,24 +184,36 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignPreTrainedModel, Gene
         if self.fusion is not None:
             dtype = next(self.fusion.parameters()).dtype
             layers = torch.stack([encoded.hidden_states[i].to(dtype) for i in self.config.fused_encoder_layers], dim=-1)
-            fused_kv = self._project_fused_states(self.fusion(layers))
+            fused_kv = self._project_fused_states(self.fusion(layers), encoder_attention_mask)
         return LayAlignEncoderOutput(mapped_embeds=mapped_embeds, fused_kv=fused_kv, attention_mask=encoder_attention_mask)
 
-    def _project_fused_states(self, fused: torch.Tensor) -> torch.Tensor:
+    def _project_fused_states(self, fused: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
         """Projects the fusion's `(batch, encoder_len, 2M, d_llm)` sources with each adapted layer's frozen k/v maps.
 
-        Returns `(batch, M, 2, num_kv_heads, encoder_len, head_dim)`.
+        Returns `(batch, M, 2, num_kv_heads, encoder_len, head_dim)`. The values come out multiplied by the layer's
+        gate and zeroed on encoder padding. The gate scales the fused branch's softmax output in the paper and the
+        reference code (`adaption_gate * softmax(...) @ V`); scaling the values instead is the same product, done
+        once per `encode` rather than in every layer at every decoding step. Zeroed padding changes nothing where
+        the mask already removes it, and makes a source that is all padding contribute nothing at all.
         """
         batch_size, encoder_len = fused.shape[:2]
         # The LayAlign modules may train in float32 over half-precision bases: the frozen projections read the LLM's
         # dtype (what autocast does anyway, and what a call outside autocast needs).
-        fused = fused.to(self.llm.get_input_embeddings().weight.dtype)
+        dtype = self.llm.get_input_embeddings().weight.dtype
+        fused = fused.to(dtype)
+        gates, padding = self.gates().to(dtype), encoder_mask.to(dtype)
+        value_scale = gates[:, None, None, None, None] * padding[None, :, :, None, None]  # (M, batch, encoder_len, 1, 1)
+        # One `unbind` rather than an index per source: its backward stacks the 2M gradients once, where indexing
+        # would allocate a zero-filled gradient of the whole `fused` tensor for every source (most of the fused
+        # branch's training cost before).
+        sources = fused.unbind(2)
         per_layer = []
         for slot, attention in enumerate(self._adapted_attention_modules()):
-            keys = attention.k_proj(fused[:, :, 2 * slot]).view(batch_size, encoder_len, -1, attention.head_dim)
-            values = attention.v_proj(fused[:, :, 2 * slot + 1]).view(batch_size, encoder_len, -1, attention.head_dim)
+            keys = attention.k_proj(sources[2 * slot]).view(batch_size, encoder_len, -1, attention.head_dim)
+            values = attention.v_proj(sources[2 * slot + 1]).view(batch_size, encoder_len, -1, attention.head_dim)
             if self.llm_family.k_norm is not None:
                 keys = getattr(attention, self.llm_family.k_norm)(keys)
+            values = values * value_scale[slot]
             per_layer.append(torch.stack([keys.transpose(1, 2), values.transpose(1, 2)], dim=1))
         return torch.stack(per_layer, dim=1)
 
@@ -291,10 +303,11 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignPreTrainedModel, Gene
         )
         fused_inputs = None
         if fused_kv is not None:
+            keys, values = fused_kv.unbind(2)
             fused_inputs = FusedAttentionInputs(
-                key_value=fused_kv,
-                encoder_mask=encoder_attention_mask.bool(),
-                gates=self.gates(),
+                keys=keys.unbind(1),
+                values=values.unbind(1),
+                encoder_bias=encoder_attention_bias(encoder_attention_mask, fused_kv.dtype),
                 slots={layer: slot for slot, layer in enumerate(self.config.adapted_llm_layers)},
                 family=self.llm_family,
             )

@@ -1,0 +1,144 @@
+"""One training step of LayAlign against MindMerger mode and the LLM alone, at the same shapes.
+
+    python benchmarks/bench_train.py --preset demo
+    python benchmarks/bench_train.py --preset paper --json results/train.json     # one GPU
+
+A step is forward + backward + optimizer (AdamW over the LayAlign modules, the bases frozen). Stage 1 reads a source
+sentence and predicts its English translation (every text token is a target); stage 2 reads a source question and
+predicts the answer after a prompt (the last half of the text is the target). The LLM-alone baseline is the LLM's
+forward and backward to its input embeddings over a sequence as long as LayAlign's (`[BOS, mapped, boundary,
+text]`): the least any method that trains modules in front of a frozen LLM must do. Under bfloat16 the LayAlign
+modules stay float32 and the step runs under autocast.
+"""
+
+import argparse
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from common import (
+    PRESETS,
+    Models,
+    build_models,
+    describe_device,
+    format_memory,
+    interleaved_median_seconds,
+    peak_memory_gib,
+    print_profile,
+    print_table,
+    random_ids,
+)
+
+
+def layalign_step(model, batch: dict, optimizer: torch.optim.Optimizer, autocast) -> None:
+    with autocast():
+        loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def llm_step(llm, embeds: torch.Tensor, labels: torch.Tensor, autocast) -> None:
+    embeds = embeds.detach().requires_grad_(True)
+    with autocast():
+        loss = llm(inputs_embeds=embeds, labels=labels).loss
+    loss.backward()
+
+
+def stage_batch(models: Models, text_len: int, target_from: int) -> dict:
+    preset, config = models.preset, models.layalign.config
+    batch = preset.train_batch
+    labels = random_ids(batch, text_len, config.text_config.vocab_size, preset.device)
+    labels[:, :target_from] = -100
+    return {
+        "encoder_input_ids": random_ids(batch, preset.encoder_len, config.encoder_config.vocab_size, preset.device),
+        "input_ids": random_ids(batch, text_len, config.text_config.vocab_size, preset.device),
+        "labels": labels,
+    }
+
+
+def measure_stage(models: Models, text_len: int, target_from: int, repeats: int, profile: bool = False) -> dict[str, dict]:
+    preset = models.preset
+    batch = stage_batch(models, text_len, target_from)
+    autocast = (
+        contextlib.nullcontext
+        if preset.dtype == torch.float32
+        else lambda: torch.autocast(preset.device, dtype=preset.dtype)
+    )
+    steps = {}
+    for name, model in (("LayAlign", models.layalign), ("MindMerger mode", models.mindmerger)):
+        model.train()
+        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+        steps[name] = lambda model=model, optimizer=optimizer: layalign_step(model, batch, optimizer, autocast)
+    sequence_len = models.layalign.num_prefix_positions(preset.encoder_len) + text_len
+    embeds = torch.randn(
+        preset.train_batch, sequence_len, models.llm.config.hidden_size, device=preset.device, dtype=preset.dtype
+    )
+    llm_labels = torch.full((preset.train_batch, sequence_len), -100, device=preset.device)
+    llm_labels[:, -text_len:] = batch["labels"]
+    steps["LLM alone, to its inputs"] = lambda: llm_step(models.llm, embeds, llm_labels, autocast)
+
+    medians = interleaved_median_seconds(steps, preset.device, repeats, warmup=2)
+    if profile:
+        for name, step in steps.items():
+            print_profile(f"one training step, {name}", step, preset.device)
+    results = {
+        name: {
+            "seconds": medians[name],
+            "examples_per_second": preset.train_batch / medians[name],
+            "peak_memory_gib": peak_memory_gib(step, preset.device),
+        }
+        for name, step in steps.items()
+    }
+    for model in (models.layalign, models.mindmerger):
+        model.eval()
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="Also write the results to this file.")
+    parser.add_argument("--profile", action="store_true", help="Also profile one stage-1 step of each.")
+    args = parser.parse_args(argv)
+    models = build_models(args.preset)
+    preset = models.preset
+    stages = {
+        "stage 1": (preset.stage1_text_len, 0),
+        "stage 2": (preset.stage2_text_len, preset.stage2_text_len // 2),
+    }
+    results = {"preset": args.preset, "device": describe_device(preset.device), "dtype": str(preset.dtype)}
+    for stage, (text_len, target_from) in stages.items():
+        measured = measure_stage(models, text_len, target_from, args.repeats, args.profile and stage == "stage 1")
+        results[stage] = measured
+        mindmerger, llm = measured["MindMerger mode"]["seconds"], measured["LLM alone, to its inputs"]["seconds"]
+        rows = [
+            [
+                name,
+                f"{entry['seconds'] * 1000:.1f}",
+                f"{entry['examples_per_second']:.2f}",
+                f"{entry['seconds'] / mindmerger:.2f}x",
+                f"{entry['seconds'] / llm:.2f}x",
+                format_memory(entry["peak_memory_gib"]),
+            ]
+            for name, entry in measured.items()
+        ]
+        sequence_len = models.layalign.num_prefix_positions(preset.encoder_len) + text_len
+        print_table(
+            f"{stage} training step, preset {args.preset} ({results['device']}, {preset.dtype}): batch "
+            f"{preset.train_batch}, {preset.encoder_len} encoder tokens, {sequence_len} LLM tokens, median of "
+            f"{args.repeats}",
+            ["", "ms / step", "examples/s", "vs MindMerger mode", "vs LLM alone", "peak GiB"],
+            rows,
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

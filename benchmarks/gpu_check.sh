@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU check: on one machine with an NVIDIA GPU and no network, in under 8 minutes, run the GPU tests
+# (`pytest -m gpu`: bf16 against fp32, SDPA against eager, flash attention when installed, a bf16 training run) and the
+# benchmarks with the `paper` preset (mT5-xl encoder + Llama-2-7B at random init, bf16), writing logs and JSON results.
+#
+#   bash benchmarks/gpu_check.sh [WHEEL_DIR] [RESULTS_DIR]
+#
+# WHEEL_DIR (default .whl) holds wheels of the versions we pin that the machine lacks (such a machine may have torch
+# and an older transformers preinstalled); they are installed into a temporary folder put first on PYTHONPATH, the
+# package itself is read from this checkout. Fetch them where there is a network, e.g.
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl transformers==5.24.0
+# RESULTS_DIR defaults to $OUT, else gpu_results. PRESET=tiny runs the same steps in seconds (a dry run).
+# Exits non-zero if any step failed; every step still runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WHEELS="${1:-.whl}"
+RESULTS="${2:-${OUT:-gpu_results}}"
+PRESET="${PRESET:-paper}"
+PYTHON="${PYTHON:-python3}"
+mkdir -p "$RESULTS"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    SITE="$(mktemp -d)"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+"$PYTHON" - <<'EOF' 2>&1 | tee "$RESULTS/environment.txt"
+import platform, torch, transformers
+print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
+print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}")
+EOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$RESULTS/environment.txt"
+
+failed=()
+run() {  # run NAME SECONDS COMMAND...: one step with its own time limit, its output in RESULTS/NAME.log
+    local name="$1" limit="$2"
+    shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log"
+    local status=${PIPESTATUS[0]}
+    echo "== $name: exit $status, $((SECONDS - start)) s" | tee -a "$RESULTS/steps.txt"
+    [ "$status" -eq 0 ] || failed+=("$name")
+}
+
+run gpu_tests 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+run bench_train 120 "$PYTHON" benchmarks/bench_train.py --preset "$PRESET" --profile --json "$RESULTS/train.json"
+run bench_generate 260 "$PYTHON" benchmarks/bench_generate.py --preset "$PRESET" --repeats 3 --profile --json "$RESULTS/generate.json"
+run bench_checkpoint 60 "$PYTHON" benchmarks/bench_checkpoint.py --preset "$PRESET" --json "$RESULTS/checkpoint.json"
+
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "failed: ${failed[*]}"
+    exit 1
+fi
+echo "all steps passed"

@@ -1,0 +1,43 @@
+"""Each benchmark runs on the `tiny` preset and prints its ratio tables (no timing is asserted: times on a shared CPU
+mean nothing; the benchmarks exist to be run by hand and by `benchmarks/gpu_check.sh`)."""
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def benchmark_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module
+
+
+def test_training_benchmark_compares_the_three_steps(benchmark_module, tmp_path, capsys):
+    results = benchmark_module("bench_train").main(["--preset", "tiny", "--repeats", "1", "--json", str(tmp_path / "r.json")])
+    printed = capsys.readouterr().out
+    assert "stage 1 training step" in printed and "stage 2 training step" in printed
+    for stage in ("stage 1", "stage 2"):
+        assert set(results[stage]) == {"LayAlign", "MindMerger mode", "LLM alone, to its inputs"}
+        assert all(entry["seconds"] > 0 for entry in results[stage].values())
+    assert json.loads((tmp_path / "r.json").read_text())["preset"] == "tiny"
+
+
+def test_generation_benchmark_reports_decode_and_prefill(benchmark_module, capsys):
+    results = benchmark_module("bench_generate").main(["--preset", "tiny", "--repeats", "1"])
+    printed = capsys.readouterr().out
+    assert printed.count("| LLM alone | ") == 2  # one table per batch size
+    for batch in ("batch 1", "batch 4"):
+        for entry in results[batch].values():
+            assert entry["prefill_seconds"] > 0 and entry["generate_seconds"] > entry["prefill_seconds"] * 0.5
+
+
+def test_checkpoint_benchmark_writes_both_forms(benchmark_module, capsys):
+    results = benchmark_module("bench_checkpoint").main(["--preset", "tiny"])
+    assert results["full"]["written"] and results["LayAlign-only"]["written"]
+    assert 0 < results["LayAlign-only"]["bytes"] < results["full"]["bytes"]
+    assert "| LayAlign-only |" in capsys.readouterr().out
