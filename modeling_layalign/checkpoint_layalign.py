@@ -155,6 +155,12 @@ class LayAlignCheckpointMixin:
         LayAlign weights, and fails if any LayAlign weight is missing or unexpected: plain
         `PreTrainedModel.from_pretrained` would silently give random bases instead.
         """
+        folder = Path(pretrained_model_name_or_path)
+        if not isinstance(config, PretrainedConfig) and folder.is_dir() and not (folder / "config.json").is_file():
+            raise OSError(
+                f"{os.fspath(folder)!r} is not a LayAlign checkpoint: it holds no config.json (an interrupted save "
+                "leaves none, so that a half-written checkpoint never loads)."
+            )
         if not isinstance(config, PretrainedConfig):
             file_kwargs = {key: kwargs[key] for key in ("revision", "subfolder", *SHARED_LOAD_KWARGS) if key in kwargs}
             config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **file_kwargs)
@@ -244,13 +250,19 @@ def _replace_folder_contents(staging: Path, target: Path) -> None:
     """Moves a finished save from `staging` into `target`, `config.json` last.
 
     The old `config.json` goes first, so that from then until the new one lands the folder does not load at all;
-    weight files of an earlier save that the new one does not have are removed.
+    weight files and peft adapter files of an earlier save that the new one does not have are removed (transformers
+    would attach a stale adapter found next to the weights).
     """
     target.mkdir(parents=True, exist_ok=True)
     (target / "config.json").unlink(missing_ok=True)
     new_files = {path.name for path in staging.iterdir()}
     for stale in target.iterdir():
-        if stale.is_file() and stale.name not in new_files and stale.name.startswith("model") and ".safetensors" in stale.name:
+        if stale.is_file() and stale.name not in new_files and _is_weight_or_adapter_file(stale.name):
             stale.unlink()
     for path in sorted(staging.iterdir(), key=lambda item: item.name == "config.json"):
         os.replace(path, target / path.name)
+
+
+def _is_weight_or_adapter_file(name: str) -> bool:
+    weights = name.startswith("model") and ".safetensors" in name
+    return weights or name.startswith(("adapter_model", "adapter_config"))

@@ -6,9 +6,10 @@ table below makes that choice by `model_type`, and adds position ids that skip l
 encoders.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from transformers import AutoModel, AutoModelForTextEncoding, PreTrainedModel
+from transformers import AutoModel, AutoModelForTextEncoding, PretrainedConfig, PreTrainedModel
 from transformers.models.m2m_100.modeling_m2m_100 import M2M100Encoder, M2M100Model
 
 from .attention_layalign import LLM_FAMILIES
@@ -25,6 +26,9 @@ class EncoderFamily:
         causal: a decoder-only LM used as encoder; it needs position ids that skip left padding.
         model_kwargs: keyword arguments for building and loading the encoder (BERT-style models drop the pooler,
             which LayAlign never reads).
+        position_offset: for encoders with a learned table of absolute positions, the first row a token uses (0
+            for BERT; RoBERTa and XLM-R start after their padding id), so that longer inputs are refused with a
+            clear error instead of an index error inside the encoder. `None`: no such limit.
     """
 
     model_class: type
@@ -32,6 +36,13 @@ class EncoderFamily:
     takes_encoder: bool = False
     causal: bool = False
     model_kwargs: dict = field(default_factory=dict)
+    position_offset: Callable[[PretrainedConfig], int] | None = None
+
+    def max_length(self, config: PretrainedConfig) -> int | None:
+        """The most tokens one input may hold, or `None` where the encoder sets no limit."""
+        if self.position_offset is None:
+            return None
+        return config.max_position_embeddings - self.position_offset(config)
 
     def encoder_class(self, config) -> type:
         """The class of the encoder module for `config`, the same whether built from a config or loaded."""
@@ -58,7 +69,14 @@ class EncoderFamily:
 
 
 _BIDIRECTIONAL = EncoderFamily(AutoModelForTextEncoding, AutoModelForTextEncoding)
-_BERT_STYLE = EncoderFamily(AutoModelForTextEncoding, AutoModelForTextEncoding, model_kwargs={"add_pooling_layer": False})
+_BERT = EncoderFamily(
+    AutoModelForTextEncoding, AutoModelForTextEncoding, model_kwargs={"add_pooling_layer": False},
+    position_offset=lambda config: 0,
+)  # fmt: skip
+_ROBERTA = EncoderFamily(
+    AutoModelForTextEncoding, AutoModelForTextEncoding, model_kwargs={"add_pooling_layer": False},
+    position_offset=lambda config: config.pad_token_id + 1,
+)  # fmt: skip
 _NLLB = EncoderFamily(M2M100Encoder, M2M100Model, takes_encoder=True)
 _DECODER_ONLY = EncoderFamily(AutoModel, AutoModel, causal=True)
 
@@ -66,9 +84,9 @@ ENCODER_FAMILIES: dict[str, EncoderFamily] = {
     "t5": _BIDIRECTIONAL,
     "mt5": _BIDIRECTIONAL,
     "umt5": _BIDIRECTIONAL,
-    "bert": _BERT_STYLE,
-    "roberta": _BERT_STYLE,
-    "xlm-roberta": _BERT_STYLE,
+    "bert": _BERT,
+    "roberta": _ROBERTA,
+    "xlm-roberta": _ROBERTA,
     "m2m_100": _NLLB,
     **{model_type: _DECODER_ONLY for model_type in LLM_FAMILIES},
 }

@@ -13,7 +13,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
+from transformers.utils.generic import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .attention_layalign import FusedAttentionInputs, encoder_attention_bias, fused_attention_implementation, llm_family
@@ -29,6 +32,9 @@ from .modules_layalign import (
     LayAlignLayerFusion,
 )
 from .sequence_layalign import assemble_sequence, positions_from_mask, prefix_mask
+
+
+logger = logging.get_logger(__name__)
 
 
 class LayAlignPreTrainedModel(PreTrainedModel):
@@ -158,6 +164,14 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignPreTrainedModel, Gene
         reuse one encoding across several calls; `generate` does this by itself.
         """
         _check_token_ids("encoder_input_ids", encoder_input_ids)
+        encoder_len, limit = encoder_input_ids.shape[1], self.encoder_family.max_length(self.config.encoder_config)
+        if encoder_len == 0:
+            raise ValueError("`encoder_input_ids` holds no token: each example needs a source text to encode.")
+        if limit is not None and encoder_len > limit:
+            raise ValueError(
+                f"`encoder_input_ids` holds {encoder_len} tokens per source, but the encoder's position table holds "
+                f"{limit}: truncate the sources (the processor's `max_source_length`)."
+            )
         if encoder_attention_mask is None:
             encoder_attention_mask = torch.ones_like(encoder_input_ids)
         elif encoder_attention_mask.shape != encoder_input_ids.shape:
@@ -234,6 +248,7 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignPreTrainedModel, Gene
             parts += [mapped_embeds.to(like.dtype), self.boundary(batch_size).to(like.dtype)]
         return torch.cat(parts, dim=1)
 
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -268,6 +283,7 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignPreTrainedModel, Gene
                 masks when omitted, so padding anywhere never shifts an example's positions.
             cache: the LLM's cache (`past_key_values` is accepted as the old name).
             labels: `(batch, text_len)` targets for `input_ids`, -100 where no loss is wanted (prompt, padding).
+            `return_dict=False` returns the output as a tuple, as transformers models do.
 
         Returns:
             The LLM's `CausalLMOutputWithPast` over the whole sequence it read: on the first pass `logits` has
@@ -282,6 +298,8 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignPreTrainedModel, Gene
         batch_size, text_len = inputs_embeds.shape[:2]
         past_len = cache.get_seq_length() if cache is not None else 0
         is_first_pass = past_len == 0
+        if labels is not None:
+            _check_labels(labels, (batch_size, text_len))
 
         mapped_encoder_embeds, fused_kv, encoder_attention_mask = self._encoder_side(
             encoder_input_ids, encoder_attention_mask, mapped_encoder_embeds, fused_kv, is_first_pass
@@ -375,6 +393,14 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignPreTrainedModel, Gene
         """
         if encoder_input_ids is None:
             raise ValueError("`encoder_input_ids` is required: LayAlign generates from the source text it encodes.")
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        cache_implementation = kwargs.get("cache_implementation", generation_config.cache_implementation)
+        if cache_implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"`cache_implementation={cache_implementation!r}` is not supported: a static cache is sized from "
+                "`input_ids` alone, while the LLM also reads the source's mapped tokens in front of them. Use the "
+                "default dynamic cache."
+            )
         with torch.no_grad():
             encoded = self.encode(encoder_input_ids, encoder_attention_mask)
         if input_ids is None and "inputs_embeds" not in kwargs:
@@ -404,6 +430,19 @@ def _all_ones_encoder_mask(encoder_input_ids, mapped_encoder_embeds, fused_kv) -
     else:
         raise ValueError("`encoder_attention_mask` (or `encoder_input_ids`) is required while decoding with a cache.")
     return torch.ones(batch_size, encoder_len, dtype=torch.long, device=device)
+
+
+def _check_labels(labels: torch.Tensor, expected_shape: tuple[int, int]) -> None:
+    if tuple(labels.shape) != expected_shape:
+        raise ValueError(
+            f"`labels` has shape {tuple(labels.shape)}; it must match the text, {expected_shape} (batch, text_len), "
+            "with -100 where no loss is wanted."
+        )
+    if not (labels != -100).any():
+        logger.warning_once(
+            "`labels` hold no target token (all -100): the loss of this batch is not defined. Check that the "
+            "targets survive truncation (`max_length`)."
+        )
 
 
 def _check_token_ids(name: str, ids: torch.Tensor) -> None:

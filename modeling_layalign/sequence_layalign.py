@@ -70,8 +70,15 @@ def assemble_sequence(
         raise ValueError("`prefix_embeds` is required on the first pass (`past_len=0`).")
     batch_size, text_len = text_embeds.shape[:2]
     prefix_len = prefix_mask.shape[1]
+    text_mask_len = past_len - (0 if is_first_pass else prefix_len) + text_len
     if text_mask is None:
-        text_mask = prefix_mask.new_ones(batch_size, past_len - (0 if is_first_pass else prefix_len) + text_len)
+        text_mask = prefix_mask.new_ones(batch_size, text_mask_len)
+    elif tuple(text_mask.shape) != (batch_size, text_mask_len):
+        raise ValueError(
+            f"`attention_mask` has shape {tuple(text_mask.shape)}, but the text needs {(batch_size, text_mask_len)}: "
+            f"one entry per token of `input_ids` {(batch_size, text_len)}"
+            + ("." if is_first_pass else ", after the text already in the cache.")
+        )
     full_mask = torch.cat([prefix_mask, text_mask.to(prefix_mask.dtype)], dim=1)
     new_len = text_len + (prefix_len if is_first_pass else 0)
     if position_ids is None or position_ids.shape[-1] != text_len:

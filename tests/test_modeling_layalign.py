@@ -536,6 +536,61 @@ def test_wrong_dtypes_and_shapes_are_errors(generator):
         model(encoder_input_ids=inputs["encoder_input_ids"])
 
 
+def test_text_masks_and_labels_of_the_wrong_shape_are_errors(generator):
+    model = tiny_model()
+    inputs, _, _ = make_batch(model, generator)
+    short_mask = {**inputs, "attention_mask": inputs["attention_mask"][:, :-1]}
+    with pytest.raises(ValueError, match=r"`attention_mask` has shape \(2, 3\), but the text needs \(2, 4\)"):
+        model(**short_mask)
+    with pytest.raises(ValueError, match=r"`labels` has shape \(2, 3\); it must match the text, \(2, 4\)"):
+        model(**inputs, labels=inputs["input_ids"][:, :3])
+    first = model(**inputs, use_cache=True)
+    step = dict(
+        input_ids=inputs["input_ids"][:, :1], encoder_input_ids=inputs["encoder_input_ids"],
+        encoder_attention_mask=inputs["encoder_attention_mask"], cache=first.cache,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="after the text already in the cache"):
+        model(**step, attention_mask=inputs["attention_mask"])  # one column short: the new token is missing
+
+
+def test_labels_without_a_target_token_warn(generator, caplog):
+    model = tiny_model()
+    inputs, _, _ = make_batch(model, generator)
+    with caplog.at_level("WARNING"):
+        model(**inputs, labels=torch.full_like(inputs["input_ids"], -100))
+    assert "hold no target token" in caplog.text
+
+
+def test_sources_outside_the_encoders_range_are_errors(generator):
+    model = tiny_model()
+    inputs, _, _ = make_batch(model, generator)
+    with pytest.raises(ValueError, match="`encoder_input_ids` holds no token"):
+        model(input_ids=inputs["input_ids"], encoder_input_ids=inputs["encoder_input_ids"][:, :0])
+    xlmr = tiny_model(encoder="xlm-roberta")
+    limit = xlmr.config.encoder_config.max_position_embeddings - xlmr.config.encoder_config.pad_token_id - 1
+    text = inputs["input_ids"][:1]
+    xlmr(input_ids=text, encoder_input_ids=torch.full((1, limit), 5))  # the longest source its positions allow
+    with pytest.raises(ValueError, match=f"holds {limit + 1} tokens per source, but the encoder's position table holds {limit}"):
+        xlmr(input_ids=text, encoder_input_ids=torch.full((1, limit + 1), 5))
+
+
+def test_return_dict_false_gives_a_tuple(generator):
+    model = tiny_model()
+    inputs, _, _ = make_batch(model, generator)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    output = model(**inputs, labels=labels)
+    loss, logits = model(**inputs, labels=labels, return_dict=False)[:2]
+    torch.testing.assert_close(loss, output.loss)
+    torch.testing.assert_close(logits, output.logits)
+
+
+def test_a_static_cache_is_refused_with_the_reason(generator):
+    model = tiny_model()
+    inputs, _, _ = make_batch(model, generator)
+    with pytest.raises(ValueError, match="`cache_implementation='static'` is not supported"):
+        model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+
+
 def test_unsupported_families_are_named():
     with pytest.raises(ValueError, match=r"LLM family 'gpt2'.*supported: \['gemma2'"):
         LayAlignForCausalLM(

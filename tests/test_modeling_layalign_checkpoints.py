@@ -238,6 +238,25 @@ def test_an_interrupted_save_never_leaves_a_loadable_half_checkpoint(tmp_path, m
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
 
 
+def test_a_folder_without_config_is_not_taken_for_a_checkpoint(tmp_path):
+    model = trained_model(tmp_path)
+    model.save_pretrained(tmp_path / "checkpoint")
+    (tmp_path / "checkpoint" / "config.json").unlink()  # what a crash between the file moves would leave
+    with pytest.raises(OSError, match="is not a LayAlign checkpoint: it holds no config.json"):
+        LayAlignForCausalLM.from_pretrained(tmp_path / "checkpoint")
+
+
+def test_a_save_leaves_no_stale_adapter_behind(tmp_path):
+    model = trained_model(tmp_path)
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # an earlier LoRA run's output
+        (folder / name).write_text("{}")
+    model.save_pretrained(folder)
+    assert not list(folder.glob("adapter_*"))
+    LayAlignForCausalLM.from_pretrained(folder)
+
+
 def test_resaving_over_a_full_checkpoint_removes_its_old_weights(tmp_path):
     model = trained_model(tmp_path)
     model.save_pretrained(tmp_path / "checkpoint", checkpoint_format="full", max_shard_size="20KB")
