@@ -87,8 +87,8 @@ class LayAlignCheckpointMixin:
     @staticmethod
     def _load_encoder(encoder: str | os.PathLike | PreTrainedModel, **kwargs) -> PreTrainedModel:
         if not isinstance(encoder, PreTrainedModel):
-            family = encoder_family(AutoConfig.from_pretrained(encoder, **hub_kwargs(kwargs)))
-            encoder = family.pretrained_class.from_pretrained(encoder, **family.model_kwargs, **kwargs)
+            config = AutoConfig.from_pretrained(encoder, **hub_kwargs(kwargs))
+            encoder = encoder_family(config).from_pretrained(encoder, config, **kwargs)
         return encoder_family(encoder.config).encoder_part(encoder)
 
     def is_layalign_key(self, key: str) -> bool:
@@ -182,6 +182,8 @@ class LayAlignCheckpointMixin:
             f"{path} holds the LayAlign weights only: loading the encoder from {config.encoder_name_or_path} and the "
             f"LLM from {config.llm_name_or_path} first."
         )
+        for source_field, role in (("encoder_name_or_path", "encoder"), ("llm_name_or_path", "LLM")):
+            _check_base_source(getattr(config, source_field), source_field, role)
         encoder_kwargs, llm_kwargs = dict(kwargs), dict(kwargs)
         if isinstance(implementation := kwargs.get("attn_implementation"), dict):
             # Routed by sub-config name, as `from_pretrained` routes it for a full checkpoint.
@@ -230,6 +232,17 @@ def base_model_source(model: PreTrainedModel) -> str | None:
     if not source:
         return None
     return os.path.abspath(source) if os.path.isdir(source) else source
+
+
+def _check_base_source(source: str, source_field: str, role: str) -> None:
+    """A base recorded as a local folder that is no longer there: say so, and how to point at where it is now
+    (transformers would take the path for a malformed Hub id)."""
+    looks_local = os.path.isabs(source) or source.startswith((".", "~"))
+    if looks_local and not os.path.isdir(os.path.expanduser(source)):
+        raise OSError(
+            f"The {role} named in config.json ({source!r}, field `{source_field}`) is not found on this machine; "
+            f"pass `{source_field}=` to `from_pretrained` with where it is now (a folder or a Hub id)."
+        )
 
 
 def check_base_matches(expected, loaded, source_field: str) -> None:

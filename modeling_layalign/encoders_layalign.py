@@ -26,6 +26,8 @@ class EncoderFamily:
         causal: a decoder-only LM used as encoder; it needs position ids that skip left padding.
         model_kwargs: keyword arguments for building and loading the encoder (BERT-style models drop the pooler,
             which LayAlign never reads).
+        unused_checkpoint_keys: patterns of weights that the family's usual checkpoints hold and LayAlign never
+            builds (mT5's decoder, BERT's pooler and pretraining heads): expected, so not reported at load time.
         position_offset: for encoders with a learned table of absolute positions, the first row a token uses (0
             for BERT; RoBERTa and XLM-R start after their padding id), so that longer inputs are refused with a
             clear error instead of an index error inside the encoder. `None`: no such limit.
@@ -36,6 +38,7 @@ class EncoderFamily:
     takes_encoder: bool = False
     causal: bool = False
     model_kwargs: dict = field(default_factory=dict)
+    unused_checkpoint_keys: tuple[str, ...] = ()
     position_offset: Callable[[PretrainedConfig], int] | None = None
 
     def max_length(self, config: PretrainedConfig) -> int | None:
@@ -53,6 +56,18 @@ class EncoderFamily:
         """The encoder with random weights (or on the meta device, inside `from_pretrained`)."""
         return self.encoder_class(config)._from_config(config, **self.model_kwargs)
 
+    def from_pretrained(self, source, config: PretrainedConfig, **kwargs) -> PreTrainedModel:
+        """Loads the checkpoint `source` (whose config is `config`), without reporting the weights in
+        `unused_checkpoint_keys`."""
+        loaded_class = self.encoder_class(config) if self.pretrained_class is self.model_class else self.pretrained_class
+        ignored = loaded_class._keys_to_ignore_on_load_unexpected
+        # Read from the class when the model is built, i.e. inside this call only.
+        loaded_class._keys_to_ignore_on_load_unexpected = [*(ignored or []), *self.unused_checkpoint_keys]
+        try:
+            return loaded_class.from_pretrained(source, **self.model_kwargs, **kwargs)
+        finally:
+            loaded_class._keys_to_ignore_on_load_unexpected = ignored
+
     def encoder_part(self, model: PreTrainedModel) -> PreTrainedModel:
         """The module LayAlign runs as encoder: `model` itself, its encoder, or a causal LM's base model."""
         expected = self.encoder_class(model.config)
@@ -68,14 +83,17 @@ class EncoderFamily:
         return model
 
 
-_BIDIRECTIONAL = EncoderFamily(AutoModelForTextEncoding, AutoModelForTextEncoding)
+_BIDIRECTIONAL = EncoderFamily(
+    AutoModelForTextEncoding, AutoModelForTextEncoding, unused_checkpoint_keys=(r"^decoder\.", r"^lm_head\.")
+)
+_BERT_UNUSED = (r"(^|\.)pooler\.", r"^cls\.", r"^lm_head\.")
 _BERT = EncoderFamily(
     AutoModelForTextEncoding, AutoModelForTextEncoding, model_kwargs={"add_pooling_layer": False},
-    position_offset=lambda config: 0,
+    unused_checkpoint_keys=_BERT_UNUSED, position_offset=lambda config: 0,
 )  # fmt: skip
 _ROBERTA = EncoderFamily(
     AutoModelForTextEncoding, AutoModelForTextEncoding, model_kwargs={"add_pooling_layer": False},
-    position_offset=lambda config: config.pad_token_id + 1,
+    unused_checkpoint_keys=_BERT_UNUSED, position_offset=lambda config: config.pad_token_id + 1,
 )  # fmt: skip
 _NLLB = EncoderFamily(M2M100Encoder, M2M100Model, takes_encoder=True)
 _DECODER_ONLY = EncoderFamily(AutoModel, AutoModel, causal=True)

@@ -208,6 +208,8 @@ def test_bases_moved_after_a_layalign_only_save_load_from_where_they_are_now(tmp
     expected = logits(model, inputs)
     model.save_pretrained(tmp_path / "layalign")
     os.rename(tmp_path / "then", tmp_path / "now")
+    with pytest.raises(OSError, match=r"The encoder named in config.json .* pass `encoder_name_or_path=`"):
+        LayAlignForCausalLM.from_pretrained(tmp_path / "layalign")
     reloaded = LayAlignForCausalLM.from_pretrained(
         tmp_path / "layalign", encoder_name_or_path=tmp_path / "now" / "mt5", llm_name_or_path=tmp_path / "now" / "llama"
     )
@@ -236,6 +238,16 @@ def test_an_interrupted_save_never_leaves_a_loadable_half_checkpoint(tmp_path, m
     assert torch.equal(before, after)
     assert not (tmp_path / "fresh" / "config.json").exists()
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
+
+
+@pytest.mark.parametrize("encoder", ["mt5", "xlm-roberta"])
+def test_loading_an_encoder_from_its_full_checkpoint_reports_no_expected_leftovers(tmp_path, encoder, capfd):
+    """mT5's decoder and XLM-R's pretraining head are in their checkpoints but never built: no load report for them."""
+    encoder_folder, llm_folder = save_base(tmp_path, "encoder", encoder), save_base(tmp_path, "llm", "llama")
+    capfd.readouterr()
+    model = LayAlignForCausalLM.from_base_models(encoder_folder, llm_folder)
+    assert "LOAD REPORT" not in capfd.readouterr().err
+    assert type(model.encoder)._keys_to_ignore_on_load_unexpected != list(model.encoder_family.unused_checkpoint_keys)
 
 
 def test_a_folder_without_config_is_not_taken_for_a_checkpoint(tmp_path):
