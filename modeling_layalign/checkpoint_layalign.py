@@ -130,6 +130,9 @@ class LayAlignCheckpointMixin:
                 )
             state_dict = self.state_dict() if state_dict is None else state_dict
             state_dict = {key: value for key, value in state_dict.items() if self.is_layalign_key(key)}
+            self.config.base_fingerprints = {"encoder": base_fingerprint(self.encoder), "llm": base_fingerprint(self.llm)}
+        else:
+            self.config.base_fingerprints = None
         self.config.checkpoint_format = checkpoint_format
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": _class_reference(type(self))}
         # `pipeline("text-generation", model=<this folder>, trust_remote_code=True)` then runs `pipeline_layalign.py`.
@@ -151,7 +154,8 @@ class LayAlignCheckpointMixin:
 
         A full checkpoint loads like any transformers model. A LayAlign-only one first loads the encoder and the LLM
         from the sources its config names, or from `encoder_name_or_path=` / `llm_name_or_path=` given here (`dtype`,
-        `device_map`, `attn_implementation`, `quantization_config` and the download options apply to them), then the
+        `device_map`, `attn_implementation`, `quantization_config` and the download options apply to them), checks
+        that their weights are the ones it was saved with (`check_base_weights=False` skips this), then loads the
         LayAlign weights, and fails if any LayAlign weight is missing or unexpected: plain
         `PreTrainedModel.from_pretrained` would silently give random bases instead.
         """
@@ -191,6 +195,9 @@ class LayAlignCheckpointMixin:
                 base_kwargs.pop("attn_implementation")
                 if key in implementation:
                     base_kwargs["attn_implementation"] = implementation[key]
+        check_base_weights = kwargs.pop("check_base_weights", True)
+        encoder_kwargs.pop("check_base_weights", None)
+        llm_kwargs.pop("check_base_weights", None)
         model = cls.from_base_models(
             config.encoder_name_or_path,
             config.llm_name_or_path,
@@ -198,6 +205,9 @@ class LayAlignCheckpointMixin:
             encoder_kwargs=encoder_kwargs,
             llm_kwargs=llm_kwargs,
         )
+        if check_base_weights and config.base_fingerprints:
+            check_base_fingerprint(model.encoder, config.base_fingerprints["encoder"], "encoder_name_or_path")
+            check_base_fingerprint(model.llm, config.base_fingerprints["llm"], "llm_name_or_path")
         model.load_layalign_state_dict(load_state_dict(weights_file))
         generation_file = cached_file(
             path, "generation_config.json", _raise_exceptions_for_missing_entries=False, **download
@@ -232,6 +242,43 @@ def base_model_source(model: PreTrainedModel) -> str | None:
     if not source:
         return None
     return os.path.abspath(source) if os.path.isdir(source) else source
+
+
+def base_fingerprint(model: PreTrainedModel, values_per_weight: int = 8) -> dict[str, dict]:
+    """A few values of a base's first, middle and last weights, at evenly spaced positions.
+
+    Cheap, unchanged by loading the base in another dtype (compared with a tolerance), and different for a fine-tuned
+    copy of the same architecture, whose weights have moved.
+    """
+    parameters = list(model.named_parameters())
+    chosen = dict(parameters[index] for index in (0, len(parameters) // 2, len(parameters) - 1))
+    return {name: {"numel": weight.numel(), "values": _sample(weight, values_per_weight)} for name, weight in chosen.items()}
+
+
+def check_base_fingerprint(model: PreTrainedModel, expected: dict[str, dict], source_field: str) -> None:
+    """Raises a `ValueError` naming `source_field` if `model`'s weights differ from the fingerprint saved with the
+    checkpoint. Weights it cannot compare (quantised, offloaded, renamed) are skipped."""
+    parameters = dict(model.named_parameters())
+    for name, saved in expected.items():
+        weight = parameters.get(name)
+        if weight is None or weight.numel() != saved["numel"] or weight.device.type == "meta":
+            logger.info(f"Cannot compare `{name}` of the base in `{source_field}` with the checkpoint's fingerprint.")
+            continue
+        values = torch.tensor(_sample(weight, len(saved["values"])))
+        reference = torch.tensor(saved["values"])
+        if not torch.allclose(values, reference, rtol=1e-2, atol=1e-2 * reference.abs().max().item()):
+            raise ValueError(
+                f"The base loaded from `{source_field}` has other weights than the one this checkpoint was trained "
+                f"with (`{name}` differs: {values[:3].tolist()} against {reference[:3].tolist()}); its LayAlign weights "
+                f"would give wrong results over it. Pass `{source_field}=` the base it was trained on, or "
+                "`check_base_weights=False` if you know better."
+            )
+
+
+def _sample(weight: torch.Tensor, count: int) -> list[float]:
+    flat = weight.detach().reshape(-1)
+    positions = torch.linspace(0, flat.numel() - 1, count).long().to(flat.device)
+    return [round(value, 6) for value in flat[positions].float().tolist()]
 
 
 def _check_base_source(source: str, source_field: str, role: str) -> None:

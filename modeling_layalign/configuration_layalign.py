@@ -63,6 +63,10 @@ class LayAlignConfig(PretrainedConfig):
         checkpoint_format (`str`, *optional*):
             Written by `save_pretrained`: `"layalign_only"` when the checkpoint holds only the LayAlign modules (the
             base weights load from `encoder_name_or_path` / `llm_name_or_path`), `"full"` when it holds everything.
+        base_fingerprints (`dict`, *optional*):
+            Written by `save_pretrained` for a LayAlign-only checkpoint: a few values of a few weights of each base
+            (`{"encoder": {...}, "llm": {...}}`), so that `from_pretrained` refuses a base of the same shape but other
+            weights (a LayAlign trained on MetaMath-7B loaded over Llama-2-7B).
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialisation of the LayAlign linear layers.
     """
@@ -86,6 +90,7 @@ class LayAlignConfig(PretrainedConfig):
     train_llm: bool = False
     encoder_dropout_in_training: bool = True
     checkpoint_format: CheckpointFormat | None = None
+    base_fingerprints: dict | None = None
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):

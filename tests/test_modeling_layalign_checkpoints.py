@@ -202,6 +202,23 @@ def test_a_changed_base_model_fails_loudly(tmp_path):
         LayAlignForCausalLM.from_pretrained(tmp_path / "layalign")
 
 
+def test_a_base_with_other_weights_of_the_same_shape_is_refused(tmp_path):
+    model = trained_model(tmp_path)
+    model.save_pretrained(tmp_path / "layalign")
+    save_base(tmp_path, "llm", "llama", seed=11)  # the same architecture, other weights: MetaMath-7B to Llama-2-7B
+    with pytest.raises(ValueError, match="base loaded from `llm_name_or_path` has other weights"):
+        LayAlignForCausalLM.from_pretrained(tmp_path / "layalign")
+    LayAlignForCausalLM.from_pretrained(tmp_path / "layalign", check_base_weights=False)
+
+
+def test_the_right_bases_in_another_dtype_pass_the_fingerprint_check(tmp_path):
+    model = trained_model(tmp_path)
+    model.save_pretrained(tmp_path / "layalign")
+    assert set(model.config.base_fingerprints) == {"encoder", "llm"}
+    reloaded = LayAlignForCausalLM.from_pretrained(tmp_path / "layalign", dtype=torch.bfloat16)
+    assert reloaded.llm.dtype == torch.bfloat16
+
+
 def test_bases_moved_after_a_layalign_only_save_load_from_where_they_are_now(tmp_path):
     model = trained_model(tmp_path / "then")
     inputs = sample_inputs()
