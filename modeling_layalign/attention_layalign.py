@@ -7,9 +7,10 @@ learned gate (Ruan et al. 2025, arXiv 2502.11405, Sec. 3.2, "adaptive fusion-enh
 `adaption_gate` and puts no rotary embedding on the fused keys).
 
 Where we deliberately differ from the reference code: the fused branch masks encoder padding (the reference attends
-over padded encoder tokens too), and it runs as an attention function registered with transformers'
-`AttentionInterface` instead of a forked peft that stores per-batch encoder states on the attention modules. All
-per-batch state arrives as the keyword argument `layalign_fused`, so beam search, `num_return_sequences`, several
+over padded encoder tokens too; a source that is all padding adds nothing), the gate scales the fused values once per
+`encode` rather than the branch's output in every layer (the same product), and the branch runs as an attention
+function registered with transformers' `AttentionInterface` instead of a forked peft that stores per-batch encoder
+states on the attention modules. All per-batch state arrives as the keyword argument `layalign_fused`, so beam search, `num_return_sequences`, several
 models and several threads never interfere.
 
 ## Adding an LLM family
