@@ -8,10 +8,10 @@ learned gate (Ruan et al. 2025, arXiv 2502.11405, Sec. 3.2, "adaptive fusion-enh
 
 Where we deliberately differ from the reference code: the fused branch masks encoder padding (the reference attends
 over padded encoder tokens too; a source that is all padding adds nothing), the gate scales the fused values once per
-`encode` rather than the branch's output in every layer (the same product), and the branch runs as an attention
-function registered with transformers' `AttentionInterface` instead of a forked peft that stores per-batch encoder
-states on the attention modules. All per-batch state arrives as the keyword argument `layalign_fused`, so beam search, `num_return_sequences`, several
-models and several threads never interfere.
+`encode` rather than the branch's output in every layer (the same product, see `project_fused_states`), and the
+branch runs as an attention function registered with transformers' `AttentionInterface` instead of a forked peft that
+stores per-batch encoder states on the attention modules. All per-batch state arrives as the keyword argument
+`layalign_fused`, so beam search, `num_return_sequences`, several models and several threads never interfere.
 
 ## Adding an LLM family
 
@@ -102,6 +102,50 @@ class FusedAttentionInputs:
     encoder_bias: torch.Tensor
     slots: dict[int, int]
     family: LLMAttentionFamily
+
+
+def project_fused_states(
+    fused: torch.Tensor,
+    encoder_mask: torch.Tensor,
+    attention_modules: list[nn.Module],
+    family: LLMAttentionFamily,
+    gates: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Projects the fusion's sources with each adapted layer's own frozen k/v maps: the fused keys and values.
+
+    Args:
+        fused: `(batch, encoder_len, 2M, d_llm)`; source `2m` feeds the keys of adapted layer `m`, `2m + 1` its values.
+        encoder_mask: `(batch, encoder_len)`, 1 on real encoder tokens.
+        attention_modules: the `M` adapted layers' attention modules, in order.
+        gates: `(M,)`, each adapted layer's gate.
+        dtype: the LLM's dtype, which its frozen projections read (the LayAlign modules may train in float32 over
+            half-precision bases).
+
+    Returns:
+        `(batch, M, 2, num_kv_heads, encoder_len, head_dim)`. The values come out multiplied by the layer's gate and
+        zeroed on encoder padding. The gate scales the fused branch's softmax output in the paper and the reference
+        code (`adaption_gate * softmax(...) @ V`); scaling the values is the same product, done once per `encode`
+        rather than in every layer at every decoding step. Zeroed padding changes nothing where the mask removes it
+        already, and makes a source that is all padding contribute nothing at all.
+    """
+    batch_size, encoder_len = fused.shape[:2]
+    fused = fused.to(dtype)
+    gates, padding = gates.to(dtype), encoder_mask.to(dtype)
+    value_scale = gates[:, None, None, None, None] * padding[None, :, :, None, None]  # (M, batch, encoder_len, 1, 1)
+    # One `unbind` rather than an index per source: its backward stacks the 2M gradients once, where indexing would
+    # allocate a zero-filled gradient of the whole `fused` tensor for every source (most of the fused branch's
+    # training cost before).
+    sources = fused.unbind(2)
+    per_layer = []
+    for slot, attention in enumerate(attention_modules):
+        keys = attention.k_proj(sources[2 * slot]).view(batch_size, encoder_len, -1, attention.head_dim)
+        values = attention.v_proj(sources[2 * slot + 1]).view(batch_size, encoder_len, -1, attention.head_dim)
+        if family.k_norm is not None:
+            keys = getattr(attention, family.k_norm)(keys)
+        values = values * value_scale[slot]
+        per_layer.append(torch.stack([keys.transpose(1, 2), values.transpose(1, 2)], dim=1))
+    return torch.stack(per_layer, dim=1)
 
 
 def encoder_attention_bias(encoder_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -244,15 +244,22 @@ def base_model_source(model: PreTrainedModel) -> str | None:
     return os.path.abspath(source) if os.path.isdir(source) else source
 
 
-def base_fingerprint(model: PreTrainedModel, values_per_weight: int = 8) -> dict[str, dict]:
-    """A few values of a base's first, middle and last weights, at evenly spaced positions.
+def base_fingerprint(model: PreTrainedModel, values_per_weight: int = 16) -> dict[str, dict]:
+    """A few values of a base's first, middle and last weights, at evenly spaced positions, with their dtype.
 
-    Cheap, unchanged by loading the base in another dtype (compared with a tolerance), and different for a fine-tuned
-    copy of the same architecture, whose weights have moved.
+    Cheap, unchanged by loading the base in another dtype (compared up to one rounding step of the coarser dtype),
+    and different for a fine-tuned copy of the same architecture, whose weights have moved by more than that.
     """
     parameters = list(model.named_parameters())
     chosen = dict(parameters[index] for index in (0, len(parameters) // 2, len(parameters) - 1))
-    return {name: {"numel": weight.numel(), "values": _sample(weight, values_per_weight)} for name, weight in chosen.items()}
+    return {
+        name: {
+            "numel": weight.numel(),
+            "dtype": str(weight.dtype).removeprefix("torch."),
+            "values": _sample(weight, values_per_weight),
+        }
+        for name, weight in chosen.items()
+    }
 
 
 def check_base_fingerprint(model: PreTrainedModel, expected: dict[str, dict], source_field: str) -> None:
@@ -261,12 +268,14 @@ def check_base_fingerprint(model: PreTrainedModel, expected: dict[str, dict], so
     parameters = dict(model.named_parameters())
     for name, saved in expected.items():
         weight = parameters.get(name)
-        if weight is None or weight.numel() != saved["numel"] or weight.device.type == "meta":
+        comparable = weight is not None and weight.dtype.is_floating_point and weight.device.type != "meta"
+        if not comparable or weight.numel() != saved["numel"]:
             logger.info(f"Cannot compare `{name}` of the base in `{source_field}` with the checkpoint's fingerprint.")
             continue
-        values = torch.tensor(_sample(weight, len(saved["values"])))
-        reference = torch.tensor(saved["values"])
-        if not torch.allclose(values, reference, rtol=1e-2, atol=1e-2 * reference.abs().max().item()):
+        values = torch.tensor(_sample(weight, len(saved["values"])), dtype=torch.float64)
+        reference = torch.tensor(saved["values"], dtype=torch.float64)
+        coarser = max(torch.finfo(weight.dtype).eps, torch.finfo(getattr(torch, saved["dtype"])).eps)
+        if not torch.allclose(values, reference, rtol=coarser, atol=1e-3 * coarser * reference.abs().max().item()):
             raise ValueError(
                 f"The base loaded from `{source_field}` has other weights than the one this checkpoint was trained "
                 f"with (`{name}` differs: {values[:3].tolist()} against {reference[:3].tolist()}); its LayAlign weights "
@@ -278,7 +287,7 @@ def check_base_fingerprint(model: PreTrainedModel, expected: dict[str, dict], so
 def _sample(weight: torch.Tensor, count: int) -> list[float]:
     flat = weight.detach().reshape(-1)
     positions = torch.linspace(0, flat.numel() - 1, count).long().to(flat.device)
-    return [round(value, 6) for value in flat[positions].float().tolist()]
+    return flat[positions].double().tolist()  # exact: JSON keeps every bit of a float32 or half value
 
 
 def _check_base_source(source: str, source_field: str, role: str) -> None:

@@ -13,16 +13,27 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .attention_layalign import FusedAttentionInputs, encoder_attention_bias, fused_attention_implementation, llm_family
+from .attention_layalign import (
+    FusedAttentionInputs,
+    encoder_attention_bias,
+    fused_attention_implementation,
+    llm_family,
+    project_fused_states,
+)
 from .checkpoint_layalign import LayAlignCheckpointMixin
 from .configuration_layalign import LayAlignConfig
 from .encoders_layalign import encoder_family
+from .inputs_layalign import (
+    all_ones_encoder_mask,
+    check_cache_implementation,
+    check_encoder_inputs,
+    check_labels,
+    check_token_ids,
+)
 from .modules_layalign import (
     LayAlignBoundary,
     LayAlignEncoderOutput,
@@ -32,9 +43,6 @@ from .modules_layalign import (
     LayAlignLayerFusion,
 )
 from .sequence_layalign import assemble_sequence, positions_from_mask, prefix_mask
-
-
-logger = logging.get_logger(__name__)
 
 
 class LayAlignPreTrainedModel(PreTrainedModel):
@@ -163,22 +171,9 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignPreTrainedModel, Gene
         Pass the result's fields to `forward` (`mapped_encoder_embeds`, `fused_kv`, `encoder_attention_mask`) to
         reuse one encoding across several calls; `generate` does this by itself.
         """
-        _check_token_ids("encoder_input_ids", encoder_input_ids)
-        encoder_len, limit = encoder_input_ids.shape[1], self.encoder_family.max_length(self.config.encoder_config)
-        if encoder_len == 0:
-            raise ValueError("`encoder_input_ids` holds no token: each example needs a source text to encode.")
-        if limit is not None and encoder_len > limit:
-            raise ValueError(
-                f"`encoder_input_ids` holds {encoder_len} tokens per source, but the encoder's position table holds "
-                f"{limit}: truncate the sources (the processor's `max_source_length`)."
-            )
-        if encoder_attention_mask is None:
-            encoder_attention_mask = torch.ones_like(encoder_input_ids)
-        elif encoder_attention_mask.shape != encoder_input_ids.shape:
-            raise ValueError(
-                f"`encoder_attention_mask` has shape {tuple(encoder_attention_mask.shape)}, but `encoder_input_ids` "
-                f"has shape {tuple(encoder_input_ids.shape)}; they must match."
-            )
+        encoder_attention_mask = check_encoder_inputs(
+            encoder_input_ids, encoder_attention_mask, self.encoder_family.max_length(self.config.encoder_config)
+        )
         encoder_kwargs = {}
         if self.encoder_family.causal:
             encoder_kwargs["position_ids"] = positions_from_mask(encoder_attention_mask)
@@ -198,38 +193,17 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignPreTrainedModel, Gene
         if self.fusion is not None:
             dtype = next(self.fusion.parameters()).dtype
             layers = torch.stack([encoded.hidden_states[i].to(dtype) for i in self.config.fused_encoder_layers], dim=-1)
-            fused_kv = self._project_fused_states(self.fusion(layers), encoder_attention_mask)
+            fused_kv = project_fused_states(
+                self.fusion(layers),
+                encoder_attention_mask,
+                self._adapted_attention_modules(),
+                self.llm_family,
+                self.gates(),
+                # LayAlign modules may train in float32 over half-precision bases: the frozen projections read the
+                # LLM's dtype (what autocast does anyway, and what a call outside autocast needs).
+                dtype=self.llm.get_input_embeddings().weight.dtype,
+            )
         return LayAlignEncoderOutput(mapped_embeds=mapped_embeds, fused_kv=fused_kv, attention_mask=encoder_attention_mask)
-
-    def _project_fused_states(self, fused: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
-        """Projects the fusion's `(batch, encoder_len, 2M, d_llm)` sources with each adapted layer's frozen k/v maps.
-
-        Returns `(batch, M, 2, num_kv_heads, encoder_len, head_dim)`. The values come out multiplied by the layer's
-        gate and zeroed on encoder padding. The gate scales the fused branch's softmax output in the paper and the
-        reference code (`adaption_gate * softmax(...) @ V`); scaling the values instead is the same product, done
-        once per `encode` rather than in every layer at every decoding step. Zeroed padding changes nothing where
-        the mask already removes it, and makes a source that is all padding contribute nothing at all.
-        """
-        batch_size, encoder_len = fused.shape[:2]
-        # The LayAlign modules may train in float32 over half-precision bases: the frozen projections read the LLM's
-        # dtype (what autocast does anyway, and what a call outside autocast needs).
-        dtype = self.llm.get_input_embeddings().weight.dtype
-        fused = fused.to(dtype)
-        gates, padding = self.gates().to(dtype), encoder_mask.to(dtype)
-        value_scale = gates[:, None, None, None, None] * padding[None, :, :, None, None]  # (M, batch, encoder_len, 1, 1)
-        # One `unbind` rather than an index per source: its backward stacks the 2M gradients once, where indexing
-        # would allocate a zero-filled gradient of the whole `fused` tensor for every source (most of the fused
-        # branch's training cost before).
-        sources = fused.unbind(2)
-        per_layer = []
-        for slot, attention in enumerate(self._adapted_attention_modules()):
-            keys = attention.k_proj(sources[2 * slot]).view(batch_size, encoder_len, -1, attention.head_dim)
-            values = attention.v_proj(sources[2 * slot + 1]).view(batch_size, encoder_len, -1, attention.head_dim)
-            if self.llm_family.k_norm is not None:
-                keys = getattr(attention, self.llm_family.k_norm)(keys)
-            values = values * value_scale[slot]
-            per_layer.append(torch.stack([keys.transpose(1, 2), values.transpose(1, 2)], dim=1))
-        return torch.stack(per_layer, dim=1)
 
     # -- LLM side -------------------------------------------------------------------------------------------------------
 
@@ -293,13 +267,13 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignPreTrainedModel, Gene
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if input_ids is not None:
-            _check_token_ids("input_ids", input_ids)
+            check_token_ids("input_ids", input_ids)
             inputs_embeds = self.llm.get_input_embeddings()(input_ids)
         batch_size, text_len = inputs_embeds.shape[:2]
         past_len = cache.get_seq_length() if cache is not None else 0
         is_first_pass = past_len == 0
         if labels is not None:
-            _check_labels(labels, (batch_size, text_len))
+            check_labels(labels, (batch_size, text_len))
 
         mapped_encoder_embeds, fused_kv, encoder_attention_mask = self._encoder_side(
             encoder_input_ids, encoder_attention_mask, mapped_encoder_embeds, fused_kv, is_first_pass
@@ -370,7 +344,7 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignPreTrainedModel, Gene
             fused_kv = encoded.fused_kv if fused_kv is None else fused_kv
             return mapped_encoder_embeds, fused_kv, encoded.attention_mask
         if encoder_attention_mask is None:
-            encoder_attention_mask = _all_ones_encoder_mask(encoder_input_ids, mapped_encoder_embeds, fused_kv)
+            encoder_attention_mask = all_ones_encoder_mask(encoder_input_ids, mapped_encoder_embeds, fused_kv)
         return mapped_encoder_embeds, fused_kv, encoder_attention_mask
 
     # -- generation -----------------------------------------------------------------------------------------------------
@@ -393,14 +367,7 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignPreTrainedModel, Gene
         """
         if encoder_input_ids is None:
             raise ValueError("`encoder_input_ids` is required: LayAlign generates from the source text it encodes.")
-        generation_config = kwargs.get("generation_config") or self.generation_config
-        cache_implementation = kwargs.get("cache_implementation", generation_config.cache_implementation)
-        if cache_implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS:
-            raise ValueError(
-                f"`cache_implementation={cache_implementation!r}` is not supported: a static cache is sized from "
-                "`input_ids` alone, while the LLM also reads the source's mapped tokens in front of them. Use the "
-                "default dynamic cache."
-            )
+        check_cache_implementation(kwargs.get("generation_config") or self.generation_config, kwargs)
         with torch.no_grad():
             encoded = self.encode(encoder_input_ids, encoder_attention_mask)
         if input_ids is None and "inputs_embeds" not in kwargs:
@@ -417,45 +384,6 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignPreTrainedModel, Gene
             input_ids=input_ids, attention_mask=attention_mask, encoder_attention_mask=encoded.attention_mask, **kwargs
         )
 
-
-
-def _all_ones_encoder_mask(encoder_input_ids, mapped_encoder_embeds, fused_kv) -> torch.Tensor:
-    """The encoder mask when none is given: all ones over the encoder length of whichever input is there."""
-    if encoder_input_ids is not None:
-        return torch.ones_like(encoder_input_ids)
-    if mapped_encoder_embeds is not None:
-        batch_size, encoder_len, device = *mapped_encoder_embeds.shape[:2], mapped_encoder_embeds.device
-    elif fused_kv is not None:
-        batch_size, encoder_len, device = fused_kv.shape[0], fused_kv.shape[-2], fused_kv.device
-    else:
-        raise ValueError("`encoder_attention_mask` (or `encoder_input_ids`) is required while decoding with a cache.")
-    return torch.ones(batch_size, encoder_len, dtype=torch.long, device=device)
-
-
-def _check_labels(labels: torch.Tensor, expected_shape: tuple[int, int]) -> None:
-    if tuple(labels.shape) != expected_shape:
-        raise ValueError(
-            f"`labels` has shape {tuple(labels.shape)}; it must match the text, {expected_shape} (batch, text_len), "
-            "with -100 where no loss is wanted."
-        )
-    if not (labels != -100).any():
-        logger.warning_once(
-            "`labels` hold no target token (all -100): the loss of this batch is not defined. Check that the "
-            "targets survive truncation (`max_length`)."
-        )
-
-
-def _check_token_ids(name: str, ids: torch.Tensor) -> None:
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        raise ValueError(f"`{name}` must be a 2-D tensor of token ids (batch, length), got {_describe(ids)}.")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise ValueError(f"`{name}` must hold integer token ids, got dtype {ids.dtype}.")
-
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
 
 
 LayAlignForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -8,7 +8,13 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from modeling_layalign.attention_layalign import LLM_FAMILIES, encoder_attention_bias, fused_branch_attention, llm_family
+from modeling_layalign.attention_layalign import (
+    LLM_FAMILIES,
+    encoder_attention_bias,
+    fused_branch_attention,
+    llm_family,
+    project_fused_states,
+)
 
 from .conftest import LLM_CONFIGS, set_gates, tiny_model
 
@@ -62,7 +68,9 @@ def test_fused_projection_and_its_gradient_equal_the_direct_computation(model_ty
     encoder_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
     direct_input, fast_input = fused.clone().requires_grad_(True), fused.clone().requires_grad_(True)
     direct = _direct_fused_kv(model, direct_input, encoder_mask)
-    fast = model._project_fused_states(fast_input, encoder_mask)
+    fast = project_fused_states(
+        fast_input, encoder_mask, model._adapted_attention_modules(), model.llm_family, model.gates(), torch.float32
+    )
     torch.testing.assert_close(fast, direct, rtol=0, atol=1e-6)
     upstream = torch.randn_like(direct)
     (direct * upstream).sum().backward()

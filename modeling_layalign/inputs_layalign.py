@@ -1,0 +1,87 @@
+"""Checks of what users pass to `LayAlignForCausalLM`, with errors that name the argument and say what to pass.
+
+A wrong shape or an empty source would otherwise fail deep inside the encoder or the LLM (or, for a short attention
+mask, silently drop a token and still compute a loss).
+"""
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+
+def check_encoder_inputs(
+    encoder_input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor | None, max_length: int | None
+) -> torch.Tensor:
+    """Checks the source ids (2-D integer ids, 1 to `max_length` per row) and their mask; returns the mask, all ones
+    when none is given."""
+    check_token_ids("encoder_input_ids", encoder_input_ids)
+    encoder_len = encoder_input_ids.shape[1]
+    if encoder_len == 0:
+        raise ValueError("`encoder_input_ids` holds no token: each example needs a source text to encode.")
+    if max_length is not None and encoder_len > max_length:
+        raise ValueError(
+            f"`encoder_input_ids` holds {encoder_len} tokens per source, but the encoder's position table holds "
+            f"{max_length}: truncate the sources (the processor's `max_source_length`)."
+        )
+    if encoder_attention_mask is None:
+        return torch.ones_like(encoder_input_ids)
+    if encoder_attention_mask.shape != encoder_input_ids.shape:
+        raise ValueError(
+            f"`encoder_attention_mask` has shape {tuple(encoder_attention_mask.shape)}, but `encoder_input_ids` "
+            f"has shape {tuple(encoder_input_ids.shape)}; they must match."
+        )
+    return encoder_attention_mask
+
+
+def check_cache_implementation(generation_config: GenerationConfig, generate_kwargs: dict) -> None:
+    """Refuses static caches: `generate` sizes them from `input_ids` alone, while the LLM also reads the prefix."""
+    cache_implementation = generate_kwargs.get("cache_implementation", generation_config.cache_implementation)
+    if cache_implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"`cache_implementation={cache_implementation!r}` is not supported: a static cache is sized from "
+            "`input_ids` alone, while the LLM also reads the source's mapped tokens in front of them. Use the "
+            "default dynamic cache."
+        )
+
+
+def all_ones_encoder_mask(encoder_input_ids, mapped_encoder_embeds, fused_kv) -> torch.Tensor:
+    """The encoder mask when none is given: all ones over the encoder length of whichever input is there."""
+    if encoder_input_ids is not None:
+        return torch.ones_like(encoder_input_ids)
+    if mapped_encoder_embeds is not None:
+        batch_size, encoder_len, device = *mapped_encoder_embeds.shape[:2], mapped_encoder_embeds.device
+    elif fused_kv is not None:
+        batch_size, encoder_len, device = fused_kv.shape[0], fused_kv.shape[-2], fused_kv.device
+    else:
+        raise ValueError("`encoder_attention_mask` (or `encoder_input_ids`) is required while decoding with a cache.")
+    return torch.ones(batch_size, encoder_len, dtype=torch.long, device=device)
+
+
+def check_labels(labels: torch.Tensor, expected_shape: tuple[int, int]) -> None:
+    if tuple(labels.shape) != expected_shape:
+        raise ValueError(
+            f"`labels` has shape {tuple(labels.shape)}; it must match the text, {expected_shape} (batch, text_len), "
+            "with -100 where no loss is wanted."
+        )
+    if not (labels != -100).any():
+        logger.warning_once(
+            "`labels` hold no target token (all -100): the loss of this batch is not defined. Check that the "
+            "targets survive truncation (`max_length`)."
+        )
+
+
+def check_token_ids(name: str, ids: torch.Tensor) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ValueError(f"`{name}` must be a 2-D tensor of token ids (batch, length), got {_describe(ids)}.")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"`{name}` must hold integer token ids, got dtype {ids.dtype}.")
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
