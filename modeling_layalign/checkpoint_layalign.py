@@ -1,4 +1,4 @@
-"""Saving and loading LayAlign checkpoints: the LayAlign-only and full forms, and the atomic folder swap.
+"""Saving and loading LayAlign checkpoints: the LayAlign-only and full forms, and the folder swap that saves them.
 
 The reference code saves the whole model, frozen bases included, as one pickled `pytorch_model.bin`
 (`accelerator.save_model(..., safe_serialization=False)` in `finetune.py`). Here a checkpoint whose bases stay
@@ -116,8 +116,9 @@ class LayAlignCheckpointMixin:
                 `encoder_name_or_path` / `llm_name_or_path`) or `"full"` (every weight). Defaults to
                 [`default_checkpoint_format`], so `Trainer` checkpoints of frozen-base training are small.
 
-        The files are written to a temporary folder next to `save_directory` and moved in with `config.json` last,
-        so an interrupted save never leaves a folder that loads a mix of old and new files.
+        The files are written to a temporary folder next to `save_directory`, which then takes the old folder's
+        place by renaming whole folders: an interrupted save never leaves a folder that loads a mix of old and new
+        files, and never loses the old checkpoint before the new one is complete.
         """
         checkpoint_format = checkpoint_format or self.default_checkpoint_format()
         if checkpoint_format not in CHECKPOINT_FORMATS:
@@ -144,7 +145,7 @@ class LayAlignCheckpointMixin:
         staging = Path(tempfile.mkdtemp(prefix=f".{save_directory.name}.", dir=save_directory.parent))
         try:
             super().save_pretrained(staging, *args, state_dict=state_dict, **kwargs)
-            _replace_folder_contents(staging, save_directory)
+            _swap_in(staging, save_directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -315,21 +316,26 @@ def _class_reference(cls: type) -> str:
     return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
 
 
-def _replace_folder_contents(staging: Path, target: Path) -> None:
-    """Moves a finished save from `staging` into `target`, `config.json` last.
+def _swap_in(staging: Path, target: Path) -> None:
+    """Puts the finished save in `staging` in place of `target` by renaming whole folders.
 
-    The old `config.json` goes first, so that from then until the new one lands the folder does not load at all;
-    weight files and peft adapter files of an earlier save that the new one does not have are removed (transformers
-    would attach a stale adapter found next to the weights).
+    `target` is renamed aside, `staging` renamed in, and only then is the old folder deleted, so a complete
+    checkpoint exists at every moment: the old one (at `target`, then aside) until the new one is in place. What the
+    old folder holds besides a checkpoint (a Trainer's `checkpoint-*` folders, evaluation results) moves into the new
+    one; its weights and peft adapter files do not (transformers would attach a stale adapter found next to the
+    weights).
     """
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "config.json").unlink(missing_ok=True)
-    new_files = {path.name for path in staging.iterdir()}
-    for stale in target.iterdir():
-        if stale.is_file() and stale.name not in new_files and _is_weight_or_adapter_file(stale.name):
-            stale.unlink()
-    for path in sorted(staging.iterdir(), key=lambda item: item.name == "config.json"):
-        os.replace(path, target / path.name)
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    os.replace(target, aside / target.name)
+    os.replace(staging, target)
+    for item in (aside / target.name).iterdir():
+        keep = item.name != "config.json" and not _is_weight_or_adapter_file(item.name)
+        if keep and not (target / item.name).exists():
+            os.replace(item, target / item.name)
+    shutil.rmtree(aside)
 
 
 def _is_weight_or_adapter_file(name: str) -> bool:

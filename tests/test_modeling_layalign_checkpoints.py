@@ -286,6 +286,40 @@ def test_a_save_leaves_no_stale_adapter_behind(tmp_path):
     LayAlignForCausalLM.from_pretrained(folder)
 
 
+def test_a_crash_between_the_folder_renames_keeps_the_old_checkpoint_whole(tmp_path, monkeypatch):
+    model = trained_model(tmp_path)
+    inputs = sample_inputs()
+    model.save_pretrained(tmp_path / "checkpoint")
+    before = logits(LayAlignForCausalLM.from_pretrained(tmp_path / "checkpoint"), inputs)
+    renames = []
+
+    def crash_on_the_second_rename(source, destination):
+        renames.append((source, destination))
+        if len(renames) == 2:  # the old folder is aside, the new one not yet in
+            raise OSError("power cut")
+        os.rename(source, destination)
+
+    monkeypatch.setattr("modeling_layalign.checkpoint_layalign.os.replace", crash_on_the_second_rename)
+    set_gates(model, 5.0)
+    with pytest.raises(OSError, match="power cut"):
+        model.save_pretrained(tmp_path / "checkpoint")
+    old = renames[0][1]
+    assert not (tmp_path / "checkpoint").exists()
+    assert torch.equal(logits(LayAlignForCausalLM.from_pretrained(old), inputs), before)
+
+
+def test_a_save_keeps_what_else_the_folder_held(tmp_path):
+    model = trained_model(tmp_path)
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    (folder / "eval_mgsm.json").write_text("{}")
+    (folder / "checkpoint-5").mkdir()
+    (folder / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    model.save_pretrained(folder)
+    assert (folder / "eval_mgsm.json").is_file() and (folder / "checkpoint-5" / "trainer_state.json").is_file()
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
+
+
 def test_resaving_over_a_full_checkpoint_removes_its_old_weights(tmp_path):
     model = trained_model(tmp_path)
     model.save_pretrained(tmp_path / "checkpoint", checkpoint_format="full", max_shard_size="20KB")
