@@ -287,8 +287,15 @@ def check_base_fingerprint(model: PreTrainedModel, expected: dict[str, dict], so
 
 def _sample(weight: torch.Tensor, count: int) -> list[float]:
     flat = weight.detach().reshape(-1)
-    positions = torch.linspace(0, flat.numel() - 1, count).long().to(flat.device)
+    positions = evenly_spaced_positions(flat.numel(), count).to(flat.device)
     return flat[positions].double().tolist()  # exact: JSON keeps every bit of a float32 or half value
+
+
+def evenly_spaced_positions(numel: int, count: int) -> torch.LongTensor:
+    """`count` positions from 0 to `numel - 1`, in integer arithmetic (a float32 `linspace` rounds past the end of
+    tensors over 2**24 elements)."""
+    count = min(count, numel)
+    return torch.arange(count, dtype=torch.long) * (numel - 1) // max(count - 1, 1)
 
 
 def _check_base_source(source: str, source_field: str, role: str) -> None:

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging
 
+from .checkpoint_layalign import evenly_spaced_positions
 from .configuration_layalign import LayAlignConfig
 from .modeling_layalign import LayAlignForCausalLM
 from .processing_layalign import LayAlignProcessor
@@ -124,7 +125,7 @@ def _same_values(saved: torch.Tensor, loaded: torch.Tensor) -> bool:
     if saved.shape != loaded.shape:
         return False
     flat_saved, flat_loaded = saved.reshape(-1), loaded.detach().reshape(-1)
-    positions = torch.linspace(0, flat_saved.numel() - 1, min(BASE_SAMPLE_SIZE, flat_saved.numel())).long()
+    positions = evenly_spaced_positions(flat_saved.numel(), BASE_SAMPLE_SIZE)
     a = flat_saved[positions].float()
     b = flat_loaded[positions.to(flat_loaded.device)].float().cpu()
     if not (saved.dtype.is_floating_point and loaded.dtype.is_floating_point):

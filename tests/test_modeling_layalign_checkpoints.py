@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from modeling_layalign import LayAlignForCausalLM
+from modeling_layalign.checkpoint_layalign import evenly_spaced_positions
 
 from .conftest import ENCODER_CONFIGS, LLM_CONFIGS, LLM_PAD, LLM_VOCAB, ENCODER_VOCAB, pad, random_ids, set_gates, tiny_model
 
@@ -209,6 +210,13 @@ def test_a_base_with_other_weights_of_the_same_shape_is_refused(tmp_path):
     with pytest.raises(ValueError, match="base loaded from `llm_name_or_path` has other weights"):
         LayAlignForCausalLM.from_pretrained(tmp_path / "layalign")
     LayAlignForCausalLM.from_pretrained(tmp_path / "layalign", check_base_weights=False)
+
+
+def test_fingerprint_positions_stay_inside_large_weights():
+    """Past 2**24 elements a float32 `linspace` rounds its last position beyond the end of the tensor."""
+    numel = 96_014_208  # SmolLM2-135M's embedding: the size that showed it
+    positions = evenly_spaced_positions(numel, 16)
+    assert positions[0] == 0 and positions[-1] == numel - 1 and (positions.diff() > 0).all()
 
 
 def test_the_right_bases_in_another_dtype_pass_the_fingerprint_check(tmp_path):
