@@ -248,8 +248,18 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Traine
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
+    if model_args.lora_r:
+        save_merged(trainer.model, training_args.output_dir)
     trainer.save_state()
     return trainer
+
+
+def save_merged(model, output_dir: str) -> None:
+    """Replaces the LoRA adapter that `Trainer` saved with the model it trained: the adapters merged into the LLM and
+    the trained LayAlign modules in place, as a full checkpoint (the LLM now differs from the base its config names),
+    so that `--init_from`, `evaluate_layalign.py` and `from_pretrained` load it like any LayAlign checkpoint."""
+    merged = model.merge_and_unload()
+    merged.save_pretrained(output_dir, checkpoint_format="full")
 
 
 if __name__ == "__main__":

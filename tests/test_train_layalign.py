@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoProcessor
+from transformers import AutoModelForCausalLM, AutoProcessor, TrainerCallback
 
 from modeling_layalign import LayAlignForCausalLM
+from modeling_layalign.data import LayAlignDataCollator
 
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -108,13 +109,37 @@ def test_stage_two_starts_from_stage_one(tiny_base_folders, tmp_path):
     assert trainer.train_dataset[0]["labels"][0] == -100  # stage 2 masks the prompt
 
 
+class TrainableNames(TrainerCallback):
+    """Records which parameters train, as the run starts (a LoRA run merges its adapters when it saves)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.names = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
 def test_lora_trains_the_llm_adapters_and_the_layalign_modules(tiny_base_folders, tmp_path):
-    trainer = train_layalign.main(arguments(tiny_base_folders, tmp_path, "--stage", "2", "--lora_r", "4"))
-    trainable = {name for name, parameter in trainer.model.named_parameters() if parameter.requires_grad}
+    recorder = TrainableNames()
+    train_layalign.main(arguments(tiny_base_folders, tmp_path, "--stage", "2", "--lora_r", "4"), callbacks=[recorder])
+    trainable = recorder.names
     assert any("lora_A" in name for name in trainable)
     assert any("gates.modules_to_save" in name for name in trainable)
     assert not any(".encoder." in name and "lora" in name for name in trainable)
-    assert (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_a_lora_run_saves_a_merged_checkpoint_that_reloads(tiny_base_folders, tmp_path):
+    """The output of a LoRA run is what `--init_from` and evaluation load: the adapters merged, in a full checkpoint."""
+    trainer = train_layalign.main(arguments(tiny_base_folders, tmp_path, "--stage", "2", "--lora_r", "4"))
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+    reloaded = LayAlignForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config.checkpoint_format == "full"
+    assert not any("lora" in name for name, _ in reloaded.named_parameters())
+    merged = trainer.model.get_base_model().eval()
+    batch = LayAlignDataCollator(trainer.processing_class)([trainer.train_dataset[0], trainer.train_dataset[1]])
+    batch = {key: value for key, value in batch.items() if key != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, merged(**batch).logits, rtol=0, atol=1e-5)
+    train_layalign.main(
+        arguments(tiny_base_folders, tmp_path / "again", "--stage", "2", "--init_from", str(tmp_path), "--max_steps", "1")
+    )
 
 
 def test_gradient_checkpointing_and_half_precision_bases(tiny_base_folders, tmp_path):
