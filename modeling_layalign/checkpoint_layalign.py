@@ -166,6 +166,12 @@ class LayAlignCheckpointMixin:
                 f"{os.fspath(folder)!r} is not a LayAlign checkpoint: it holds no config.json (an interrupted save "
                 "leaves none, so that a half-written checkpoint never loads)."
             )
+        if folder.is_dir() and (stray := sorted(path.name for path in folder.glob("adapter_*"))):
+            raise OSError(
+                f"{os.fspath(folder)!r} holds peft adapter files ({', '.join(stray)}) that no LayAlign save writes "
+                "(a save removes them, and a LoRA run saves its adapters merged): transformers would attach them "
+                "silently. Remove them, or load that adapter explicitly with peft."
+            )
         if not isinstance(config, PretrainedConfig):
             file_kwargs = {key: kwargs[key] for key in ("revision", "subfolder", *SHARED_LOAD_KWARGS) if key in kwargs}
             config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **file_kwargs)

@@ -292,6 +292,9 @@ def test_a_save_leaves_no_stale_adapter_behind(tmp_path):
     model.save_pretrained(folder)
     assert not list(folder.glob("adapter_*"))
     LayAlignForCausalLM.from_pretrained(folder)
+    (folder / "adapter_config.json").write_text("{}")  # copied in later: loading refuses rather than attach it
+    with pytest.raises(OSError, match="holds peft adapter files \\(adapter_config.json\\)"):
+        LayAlignForCausalLM.from_pretrained(folder)
 
 
 def test_a_crash_between_the_folder_renames_keeps_the_old_checkpoint_whole(tmp_path, monkeypatch):
