@@ -179,12 +179,15 @@ class LayAlignCheckpointMixin:
             # The bases of a LayAlign-only checkpoint may live elsewhere on this machine than where they were trained.
             if (source := kwargs.pop(source_field, None)) is not None:
                 setattr(config, source_field, os.fspath(source))
+        check_base_weights = kwargs.pop("check_base_weights", True)
         if config.checkpoint_format != "layalign_only":
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
-        return cls._from_layalign_only(pretrained_model_name_or_path, config, **kwargs)
+        return cls._from_layalign_only(pretrained_model_name_or_path, config, check_base_weights, **kwargs)
 
     @classmethod
-    def _from_layalign_only(cls, path: str | os.PathLike, config: LayAlignConfig, **kwargs) -> PreTrainedModel:
+    def _from_layalign_only(
+        cls, path: str | os.PathLike, config: LayAlignConfig, check_base_weights: bool, **kwargs
+    ) -> PreTrainedModel:
         file_kwargs = {key: kwargs.pop(key) for key in LAYALIGN_FILE_KWARGS if key in kwargs}
         shared = {key: kwargs[key] for key in SHARED_LOAD_KWARGS if key in kwargs}
         download = {**shared, **{key: file_kwargs[key] for key in ("revision", "subfolder") if key in file_kwargs}}
@@ -202,9 +205,6 @@ class LayAlignCheckpointMixin:
                 base_kwargs.pop("attn_implementation")
                 if key in implementation:
                     base_kwargs["attn_implementation"] = implementation[key]
-        check_base_weights = kwargs.pop("check_base_weights", True)
-        encoder_kwargs.pop("check_base_weights", None)
-        llm_kwargs.pop("check_base_weights", None)
         model = cls.from_base_models(
             config.encoder_name_or_path,
             config.llm_name_or_path,

@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> Path:
         )
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}") from error
-    print(f"LayAlign-only checkpoint written to {output_dir}")
+    logger.info(f"LayAlign-only checkpoint written to {output_dir}")
     return output_dir
 
 
