@@ -10,12 +10,11 @@ apart from a small header.
 """
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
-from common import PRESETS, build_models, print_table
+from common import PRESETS, build_models, print_table, write_json
 
 
 def folder_bytes(folder: Path) -> int:
@@ -62,8 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         if name != "preset"
     ]
     print_table(f"checkpoint size, preset {args.preset}", ["form", "MiB", "vs full", "save s"], rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(results, args.json)
     return results
 
 

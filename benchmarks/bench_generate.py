@@ -10,23 +10,21 @@ of `generate` with one new token (for LayAlign: the encoder, the fusion, the k/v
 pass; "of which encode" times `model.encode` alone, the part the LLM alone never runs); decode speed is `batch * (new_tokens - 1)` over the time the remaining tokens add.
 """
 
-import argparse
-import json
-from pathlib import Path
 
 import torch
 
 from common import (
-    PRESETS,
     Models,
     build_models,
     describe_device,
     format_memory,
     interleaved_median_seconds,
+    parse_arguments,
     peak_memory_gib,
     print_profile,
     print_table,
     random_ids,
+    write_json,
 )
 
 
@@ -99,12 +97,7 @@ def generate(model, inputs: dict, new_tokens: int, text_config) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", help="Also write the results to this file.")
-    parser.add_argument("--profile", action="store_true", help="Also profile generation at the smallest batch.")
-    args = parser.parse_args(argv)
+    args = parse_arguments(argv, __doc__, repeats=3, profile_help="Also profile generation at the smallest batch.")
     models = build_models(args.preset)
     preset = models.preset
     results = {"preset": args.preset, "device": describe_device(preset.device), "dtype": str(preset.dtype)}
@@ -131,8 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
             ["", "decode tok/s", "vs LLM alone", "prefill ms", "vs LLM alone", "of which encode ms", "peak GiB"],
             rows,
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(results, args.json)
     return results
 
 

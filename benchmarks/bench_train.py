@@ -11,24 +11,22 @@ text]`): the least any method that trains modules in front of a frozen LLM must 
 modules stay float32 and the step runs under autocast.
 """
 
-import argparse
 import contextlib
-import json
-from pathlib import Path
 
 import torch
 
 from common import (
-    PRESETS,
     Models,
     build_models,
     describe_device,
     format_memory,
     interleaved_median_seconds,
+    parse_arguments,
     peak_memory_gib,
     print_profile,
     print_table,
     random_ids,
+    write_json,
 )
 
 
@@ -99,12 +97,7 @@ def measure_stage(models: Models, text_len: int, target_from: int, repeats: int,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", help="Also write the results to this file.")
-    parser.add_argument("--profile", action="store_true", help="Also profile one stage-1 step of each.")
-    args = parser.parse_args(argv)
+    args = parse_arguments(argv, __doc__, repeats=5, profile_help="Also profile one stage-1 step of each.")
     models = build_models(args.preset)
     preset = models.preset
     stages = {
@@ -135,8 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
             ["", "ms / step", "examples/s", "vs MindMerger mode", "vs LLM alone", "peak GiB"],
             rows,
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(results, args.json)
     return results
 
 

@@ -13,10 +13,13 @@ LLM alone, reading a prompt as long as LayAlign's whole sequence. Ratios are tak
 same shapes, so that they hold on other machines; absolute times mean something only on a GPU.
 """
 
+import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MT5Config, MT5EncoderModel
@@ -195,3 +198,19 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(row) + " |")
+
+
+def parse_arguments(argv: list[str] | None, description: str, repeats: int, profile_help: str | None) -> argparse.Namespace:
+    """The options every benchmark takes: `--preset`, `--repeats`, `--json` and, where it profiles, `--profile`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--json", help="Also write the results to this file.")
+    if profile_help is not None:
+        parser.add_argument("--profile", action="store_true", help=profile_help)
+    return parser.parse_args(argv)
+
+
+def write_json(results: dict, path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(results, indent=2))
