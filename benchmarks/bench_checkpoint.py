@@ -9,12 +9,11 @@ safetensors, config, generation config). For `paper` the full form (some 17 GB) 
 apart from a small header.
 """
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
-from common import PRESETS, build_models, print_table, write_json
+from common import argument_parser, build_models, print_table, write_json
 
 
 def folder_bytes(folder: Path) -> int:
@@ -33,10 +32,8 @@ def state_dict_bytes(model) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    parser = argument_parser(__doc__)
     parser.add_argument("--write_full", action="store_true", help="Write the full form for `paper` too.")
-    parser.add_argument("--json", help="Also write the results to this file.")
     args = parser.parse_args(argv)
     model = build_models(args.preset).layalign
     # Random bases have no name to reload them from; give them one so the LayAlign-only form can be written.

@@ -7,19 +7,24 @@ Greedy decoding of exactly `new_tokens` tokens (end-of-sequence suppressed) afte
 mode read `encoder_len` source tokens and a `prompt_len`-token prompt, so the LLM reads `1 + encoder_len + 1 +
 prompt_len` positions before the first new token; the LLM alone reads a prompt of that length. Prefill is the time
 of `generate` with one new token (for LayAlign: the encoder, the fusion, the k/v projections and the LLM's first
-pass; "of which encode" times `model.encode` alone, the part the LLM alone never runs); decode speed is `batch * (new_tokens - 1)` over the time the remaining tokens add.
+pass; "of which encode" times `model.encode` alone, the part the LLM alone never runs); decode speed is `batch *
+(new_tokens - 1)` over the time the remaining tokens add.
+
+`--static_cache` gives every contender a static cache, with which `generate` compiles the decoding step
+(`torch.compile`, CUDA graphs on a GPU; the benchmark asks for it on a CPU too). The untimed first round compiles.
 """
 
 
 import torch
+from transformers import CompileConfig
 
 from common import (
     Models,
+    argument_parser,
     build_models,
     describe_device,
     format_memory,
     interleaved_median_seconds,
-    parse_arguments,
     peak_memory_gib,
     print_profile,
     print_table,
@@ -46,17 +51,17 @@ def generation_inputs(models: Models, batch: int) -> dict[str, dict]:
     }
 
 
-def measure(models: Models, batch: int, repeats: int, profile: bool = False) -> dict[str, dict]:
+def measure(models: Models, batch: int, repeats: int, profile: bool = False, static_cache: bool = False) -> dict[str, dict]:
     preset = models.preset
     generators = {"LayAlign": models.layalign, "MindMerger mode": models.mindmerger, "LLM alone": models.llm}
-    text_config = models.layalign.config.text_config
+    settings = generation_settings(models.layalign.config.text_config, static_cache)
     calls = {}
     all_inputs = generation_inputs(models, batch)
     for name, inputs in all_inputs.items():
         model = generators[name]
         for new_tokens in (1, preset.new_tokens):
             calls[name, new_tokens] = lambda model=model, inputs=inputs, new_tokens=new_tokens: generate(
-                model, inputs, new_tokens, text_config
+                model, inputs, new_tokens, settings
             )
     source = all_inputs["LayAlign"]
     for name in ("LayAlign", "MindMerger mode"):
@@ -67,7 +72,7 @@ def measure(models: Models, batch: int, repeats: int, profile: bool = False) -> 
             model, inputs = generators[name], all_inputs[name]
             print_profile(
                 f"generate, {name}, batch {batch}, 8 new tokens",
-                lambda: generate(model, inputs, 8, text_config),
+                lambda: generate(model, inputs, 8, settings),
                 preset.device,
             )
     results = {}
@@ -88,21 +93,33 @@ def encode(model, source: dict) -> None:
         model.encode(source["encoder_input_ids"])
 
 
-def generate(model, inputs: dict, new_tokens: int, text_config) -> torch.Tensor:
+def generation_settings(text_config, static_cache: bool) -> dict:
+    """Greedy decoding with end-of-sequence suppressed (`min_new_tokens`); with `static_cache`, compiled decoding."""
+    settings = dict(do_sample=False, pad_token_id=text_config.pad_token_id, eos_token_id=text_config.eos_token_id)
+    if static_cache:
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = True  # `generate` compiles on accelerators only, unless told so
+        settings.update(cache_implementation="static", compile_config=compile_config)
+    return settings
+
+
+def generate(model, inputs: dict, new_tokens: int, settings: dict) -> torch.Tensor:
     with torch.no_grad():
-        return model.generate(
-            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            pad_token_id=text_config.pad_token_id, eos_token_id=text_config.eos_token_id,
-        )  # fmt: skip
+        return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **settings)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_arguments(argv, __doc__, repeats=3, profile_help="Also profile generation at the smallest batch.")
+    parser = argument_parser(__doc__, repeats=3, profile_help="Also profile generation at the smallest batch.")
+    parser.add_argument("--static_cache", action="store_true", help="Static caches and compiled decoding steps.")
+    parser.add_argument("--batches", type=int, nargs="+", help="Batch sizes, instead of the preset's.")
+    args = parser.parse_args(argv)
     models = build_models(args.preset)
     preset = models.preset
-    results = {"preset": args.preset, "device": describe_device(preset.device), "dtype": str(preset.dtype)}
-    for batch in preset.decode_batches:
-        measured = measure(models, batch, args.repeats, args.profile and batch == min(preset.decode_batches))
+    batches = args.batches or preset.decode_batches
+    cache = "static cache, compiled steps" if args.static_cache else "dynamic cache"
+    results = {"preset": args.preset, "device": describe_device(preset.device), "dtype": str(preset.dtype), "cache": cache}
+    for batch in batches:
+        measured = measure(models, batch, args.repeats, args.profile and batch == min(batches), args.static_cache)
         results[f"batch {batch}"] = measured
         base = measured["LLM alone"]
         rows = [
@@ -118,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
             for name, entry in measured.items()
         ]
         print_table(
-            f"generation, preset {args.preset} ({results['device']}, {preset.dtype}): batch {batch}, "
+            f"generation, preset {args.preset} ({results['device']}, {preset.dtype}, {cache}): batch {batch}, "
             f"{preset.encoder_len} encoder + {preset.prompt_len} prompt tokens, {preset.new_tokens} new tokens, "
             f"median of {args.repeats}",
             ["", "decode tok/s", "vs LLM alone", "prefill ms", "vs LLM alone", "of which encode ms", "peak GiB"],

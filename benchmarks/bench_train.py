@@ -17,11 +17,11 @@ import torch
 
 from common import (
     Models,
+    argument_parser,
     build_models,
     describe_device,
     format_memory,
     interleaved_median_seconds,
-    parse_arguments,
     peak_memory_gib,
     print_profile,
     print_table,
@@ -97,7 +97,7 @@ def measure_stage(models: Models, text_len: int, target_from: int, repeats: int,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_arguments(argv, __doc__, repeats=5, profile_help="Also profile one stage-1 step of each.")
+    args = argument_parser(__doc__, repeats=5, profile_help="Also profile one stage-1 step of each.").parse_args(argv)
     models = build_models(args.preset)
     preset = models.preset
     stages = {

@@ -200,15 +200,19 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
         print("| " + " | ".join(row) + " |")
 
 
-def parse_arguments(argv: list[str] | None, description: str, repeats: int, profile_help: str | None) -> argparse.Namespace:
-    """The options every benchmark takes: `--preset`, `--repeats`, `--json` and, where it profiles, `--profile`."""
+def argument_parser(
+    description: str, repeats: int | None = None, profile_help: str | None = None
+) -> argparse.ArgumentParser:
+    """The options the benchmarks share: `--preset`, `--json` and, where they time or profile, `--repeats` and
+    `--profile`."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    parser.add_argument("--repeats", type=int, default=repeats)
+    if repeats is not None:
+        parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--json", help="Also write the results to this file.")
     if profile_help is not None:
         parser.add_argument("--profile", action="store_true", help=profile_help)
-    return parser.parse_args(argv)
+    return parser
 
 
 def write_json(results: dict, path: str | None) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check: on one machine with an NVIDIA GPU and no network, in under 8 minutes, run the GPU tests
-# (`pytest -m gpu`: bf16 against fp32, SDPA against eager, flash attention when installed, a bf16 training run) and the
-# benchmarks with the `paper` preset (mT5-xl encoder + Llama-2-7B at random init, bf16), writing logs and JSON results.
+# The GPU check: on one machine with an NVIDIA GPU and no network, in about 8 to 12 minutes, run the GPU tests
+# (`pytest -m gpu`: bf16 against fp32, compiled static-cache decoding, SDPA against eager, flash attention when
+# installed, a bf16 training run) and the benchmarks with the `paper` preset (mT5-xl encoder + Llama-2-7B at random
+# init, bf16), eager and with compiled decoding, writing logs and JSON results.
 #
 #   bash benchmarks/gpu_check.sh [WHEEL_DIR] [RESULTS_DIR]
 #
@@ -49,6 +50,8 @@ run gpu_tests 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_g
 run bench_train 120 "$PYTHON" benchmarks/bench_train.py --preset "$PRESET" --profile --json "$RESULTS/train.json"
 run bench_generate 260 "$PYTHON" benchmarks/bench_generate.py --preset "$PRESET" --repeats 3 --profile --json "$RESULTS/generate.json"
 run bench_checkpoint 60 "$PYTHON" benchmarks/bench_checkpoint.py --preset "$PRESET" --json "$RESULTS/checkpoint.json"
+# Last, as compiling the decoding step of three models takes minutes: static caches, compiled steps (CUDA graphs).
+run bench_generate_static 240 "$PYTHON" benchmarks/bench_generate.py --preset "$PRESET" --repeats 3 --static_cache --json "$RESULTS/generate_static.json"
 
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "failed: ${failed[*]}"

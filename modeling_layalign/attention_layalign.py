@@ -174,7 +174,8 @@ def fused_branch_attention(
     Returns:
         `(batch, query_len, num_heads, head_dim)`, the layout attention functions return.
     """
-    encoder_bias = encoder_bias.to(query.dtype)
+    if encoder_bias.dtype != query.dtype:  # (checked first: even a no-op `.to` is a dispatch per layer and step)
+        encoder_bias = encoder_bias.to(query.dtype)
     if softcap is None:
         output = F.scaled_dot_product_attention(
             query, key, value, attn_mask=encoder_bias, scale=module.scaling, enable_gqa=key.shape[1] != query.shape[1]
@@ -223,7 +224,7 @@ def layalign_attention_forward(
     fused = fused_branch_attention(
         module, query, layalign_fused.keys[slot], layalign_fused.values[slot], layalign_fused.encoder_bias, softcap
     )
-    return output + fused.to(output.dtype), weights
+    return output + (fused if fused.dtype == output.dtype else fused.to(output.dtype)), weights
 
 
 def fused_attention_implementation(base_implementation: str) -> str:

@@ -5,8 +5,6 @@ mask, silently drop a token and still compute a loss).
 """
 
 import torch
-from transformers import GenerationConfig
-from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 from transformers.utils import logging
 
 
@@ -35,17 +33,6 @@ def check_encoder_inputs(
             f"has shape {tuple(encoder_input_ids.shape)}; they must match."
         )
     return encoder_attention_mask
-
-
-def check_cache_implementation(generation_config: GenerationConfig, generate_kwargs: dict) -> None:
-    """Refuses static caches: `generate` sizes them from `input_ids` alone, while the LLM also reads the prefix."""
-    cache_implementation = generate_kwargs.get("cache_implementation", generation_config.cache_implementation)
-    if cache_implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS:
-        raise ValueError(
-            f"`cache_implementation={cache_implementation!r}` is not supported: a static cache is sized from "
-            "`input_ids` alone, while the LLM also reads the source's mapped tokens in front of them. Use the "
-            "default dynamic cache."
-        )
 
 
 def all_ones_encoder_mask(encoder_input_ids, mapped_encoder_embeds, fused_kv) -> torch.Tensor:

@@ -5,13 +5,13 @@ The LLM reads `[BOS, mapped encoder tokens, boundary, text]` (input alignment, `
 `sequence_layalign.py`), and in every adapted layer its own queries also attend, through a separate softmax scaled by
 a zero-initialised gate, over keys and values that its own frozen `k_proj` / `v_proj` project from a learned
 per-layer mix of all encoder layers (layer-wise fusion, `attention_layalign.py`). Checkpoint I/O lives in
-`checkpoint_layalign.py`. The reference code is `LayAlign.py` in the authors' repository; where this file differs
-on purpose, the docstring says so.
+`checkpoint_layalign.py`, `generate` in `generation_layalign.py`. The reference code is `LayAlign.py` in the authors'
+repository; where this file differs on purpose, the docstring says so.
 """
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
@@ -26,10 +26,10 @@ from .attention_layalign import (
 )
 from .checkpoint_layalign import LayAlignCheckpointMixin
 from .configuration_layalign import LayAlignConfig
+from .generation_layalign import LayAlignGenerationMixin
 from .encoders_layalign import encoder_family
 from .inputs_layalign import (
     all_ones_encoder_mask,
-    check_cache_implementation,
     check_encoder_inputs,
     check_labels,
     check_token_ids,
@@ -42,7 +42,13 @@ from .modules_layalign import (
     LayAlignInputMapping,
     LayAlignLayerFusion,
 )
-from .sequence_layalign import assemble_sequence, positions_from_mask, prefix_mask
+from .sequence_layalign import (
+    assemble_sequence,
+    decoding_sequence,
+    is_prepared_llm_mask,
+    positions_from_mask,
+    prefix_mask,
+)
 
 
 class LayAlignPreTrainedModel(PreTrainedModel):
@@ -97,7 +103,7 @@ class LayAlignPreTrainedModel(PreTrainedModel):
         super().activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
 
-class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignPreTrainedModel, GenerationMixin):
+class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayAlignPreTrainedModel):
     """An English-centric LLM that reads a multilingual encoder's view of the source text.
 
     Children: `encoder` and `llm` (the two pretrained models, frozen by default) and the LayAlign modules listed in
@@ -212,6 +218,11 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignPreTrainedModel, Gene
         has_bos = self.config.text_config.bos_token_id is not None
         return int(has_bos) + (encoder_len + 1 if self.config.use_input_mapping else 0)
 
+    def _prefix_mask(self, encoder_attention_mask: torch.Tensor) -> torch.Tensor:
+        """`(batch, num_prefix_positions)` mask of `[BOS, mapped encoder tokens, boundary]`."""
+        has_bos = self.config.text_config.bos_token_id is not None
+        return prefix_mask(encoder_attention_mask, has_bos, self.config.use_input_mapping)
+
     def _prefix_embeds(self, mapped_embeds: torch.Tensor | None, batch_size: int, like: torch.Tensor) -> torch.Tensor:
         parts = []
         bos_token_id = self.config.text_config.bos_token_id
@@ -245,7 +256,9 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignPreTrainedModel, Gene
             input_ids: `(batch, text_len)` LLM token ids of the text that follows the prefix (prompt and target),
                 without BOS: the model puts `[BOS, mapped encoder tokens, boundary]` in front itself.
             attention_mask: `(batch, text_len)` for `input_ids`; while decoding with a cache, `(batch, past_text_len
-                + text_len)` over all text seen so far. The prefix's mask comes from `encoder_attention_mask`.
+                + text_len)` over all text seen so far. The prefix's mask comes from `encoder_attention_mask`. While
+                decoding with a static cache, `generate` passes the LLM's own prepared mask instead (see
+                [`prepare_inputs_for_generation`]).
             encoder_input_ids: `(batch, encoder_len)` source-text ids from the encoder's tokenizer. Not needed when
                 `mapped_encoder_embeds` / `fused_kv` (from [`encode`]) are given.
             encoder_attention_mask: `(batch, encoder_len)`, 1 on real source tokens. Needed at every step of
@@ -270,8 +283,10 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignPreTrainedModel, Gene
             check_token_ids("input_ids", input_ids)
             inputs_embeds = self.llm.get_input_embeddings()(input_ids)
         batch_size, text_len = inputs_embeds.shape[:2]
-        past_len = cache.get_seq_length() if cache is not None else 0
-        is_first_pass = past_len == 0
+        prepared_mask = is_prepared_llm_mask(attention_mask)
+        # (A static cache counts its length in a tensor; a prepared mask means a decoding step, without reading it.)
+        past_len = 0 if cache is None or prepared_mask else int(cache.get_seq_length())
+        is_first_pass = past_len == 0 and not prepared_mask
         if labels is not None:
             check_labels(labels, (batch_size, text_len))
 
@@ -284,15 +299,19 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignPreTrainedModel, Gene
                 f"{batch_size}; each example needs both."
             )
 
-        sequence = assemble_sequence(
-            prefix_mask(encoder_attention_mask, self.config.text_config.bos_token_id is not None, self.config.use_input_mapping),
-            inputs_embeds,
-            attention_mask,
-            past_len=past_len,
-            prefix_embeds=self._prefix_embeds(mapped_encoder_embeds, batch_size, inputs_embeds) if is_first_pass else None,
-            position_ids=position_ids,
-            labels=labels if is_first_pass else None,
-        )
+        prefix = self._prefix_mask(encoder_attention_mask)
+        if prepared_mask:
+            sequence = decoding_sequence(prefix, inputs_embeds, attention_mask, position_ids)
+        else:
+            sequence = assemble_sequence(
+                prefix,
+                inputs_embeds,
+                attention_mask,
+                past_len=past_len,
+                prefix_embeds=self._prefix_embeds(mapped_encoder_embeds, batch_size, inputs_embeds) if is_first_pass else None,
+                position_ids=position_ids,
+                labels=labels if is_first_pass else None,
+            )
         fused_inputs = None
         if fused_kv is not None:
             keys, values = fused_kv.unbind(2)
@@ -346,44 +365,6 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignPreTrainedModel, Gene
         if encoder_attention_mask is None:
             encoder_attention_mask = all_ones_encoder_mask(encoder_input_ids, mapped_encoder_embeds, fused_kv)
         return mapped_encoder_embeds, fused_kv, encoder_attention_mask
-
-    # -- generation -----------------------------------------------------------------------------------------------------
-
-    def generate(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        encoder_input_ids: torch.LongTensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        **kwargs,
-    ):
-        """`GenerationMixin.generate`, with the encoder run once on the un-expanded batch.
-
-        The encoder, the fusion and every adapted layer's k/v projection run here, once per call; their results go
-        to the stock `generate` as batch-first tensors, which it repeats for beams / samples /
-        `num_return_sequences` and hands to every decoding step. `input_ids` (the prompt, left-padded in batches)
-        may be omitted to generate right after the boundary, as in stage-1 translation. The returned sequences are
-        `input_ids` followed by the new tokens, decodable with the LLM's tokenizer.
-        """
-        if encoder_input_ids is None:
-            raise ValueError("`encoder_input_ids` is required: LayAlign generates from the source text it encodes.")
-        check_cache_implementation(kwargs.get("generation_config") or self.generation_config, kwargs)
-        with torch.no_grad():
-            encoded = self.encode(encoder_input_ids, encoder_attention_mask)
-        if input_ids is None and "inputs_embeds" not in kwargs:
-            # An empty prompt: generation starts right after the boundary. Handed over as zero-length embeddings,
-            # the one empty input `generate` accepts.
-            batch_size = encoder_input_ids.shape[0]
-            embedding = self.llm.get_input_embeddings().weight
-            kwargs["inputs_embeds"] = embedding.new_zeros(batch_size, 0, embedding.shape[1])
-            attention_mask = encoded.attention_mask.new_zeros(batch_size, 0)
-        for name, value in (("mapped_encoder_embeds", encoded.mapped_embeds), ("fused_kv", encoded.fused_kv)):
-            if value is not None:
-                kwargs[name] = value
-        return super().generate(
-            input_ids=input_ids, attention_mask=attention_mask, encoder_attention_mask=encoded.attention_mask, **kwargs
-        )
-
 
 
 LayAlignForCausalLM.register_for_auto_class("AutoModelForCausalLM")

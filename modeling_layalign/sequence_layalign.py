@@ -88,7 +88,7 @@ def assemble_sequence(
         position_ids = position_ids + prefix_mask.sum(dim=1, keepdim=True)
         if is_first_pass:
             position_ids = torch.cat([positions_from_mask(prefix_mask), position_ids], dim=1)
-    compact_mask, order = torch.sort(full_mask, dim=1, stable=True)
+    compact_mask, order = padding_to_front(full_mask)
     if not is_first_pass:
         return LLMSequence(text_embeds, compact_mask, position_ids)
     if labels is not None:
@@ -100,6 +100,35 @@ def assemble_sequence(
         labels=labels,
         order=order,
     )
+
+
+def decoding_sequence(
+    prefix_mask: torch.Tensor, text_embeds: torch.Tensor, llm_attention_mask, position_ids: torch.LongTensor
+) -> LLMSequence:
+    """A decoding step whose LLM mask `prepare_inputs_for_generation` already built (static caches, see
+    [`LayAlignForCausalLM.prepare_inputs_for_generation`]): only the positions remain to shift past the prefix.
+
+    Args:
+        prefix_mask: `(batch, prefix_len)`, 1 on real prefix positions.
+        text_embeds: `(batch, text_len, d_llm)`.
+        llm_attention_mask: the LLM's own mask over its whole cache (a 4-D tensor, or a dict of them per layer type).
+        position_ids: `(batch, text_len)` positions counted from the text's first real token.
+    """
+    if position_ids is None or position_ids.shape[-1] != text_embeds.shape[1]:
+        raise ValueError(
+            "A prepared (4-D) `attention_mask` needs `position_ids` of the text, (batch, text_len); `generate` passes both."
+        )
+    return LLMSequence(text_embeds, llm_attention_mask, position_ids + prefix_mask.sum(dim=1, keepdim=True))
+
+
+def is_prepared_llm_mask(attention_mask) -> bool:
+    """Whether `attention_mask` is the LLM's own mask (4-D, or a dict per layer type) rather than a 2-D text mask."""
+    return attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)
+
+
+def padding_to_front(mask: torch.Tensor) -> tuple[torch.Tensor, torch.LongTensor]:
+    """`(batch, length)` mask -> (the mask with each row's padding moved to the front, the order that does it)."""
+    return torch.sort(mask, dim=1, stable=True)
 
 
 def prefix_mask(encoder_mask: torch.Tensor, has_bos: bool, has_mapping: bool) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""On a CUDA device: bfloat16 against float32, SDPA against eager, flash attention, and a bfloat16 training run.
+"""On a CUDA device: bfloat16 against float32, compiled decoding with a static cache, SDPA against eager, flash
+attention, and a bfloat16 training run.
 
 Run with `pytest -m gpu` (what `benchmarks/gpu_check.sh` does); skipped where no CUDA device is present.
 """
@@ -62,6 +63,20 @@ def test_bfloat16_generation_follows_float32():
         rereading = {**inputs, "input_ids": generated, "attention_mask": mask}
         predicted = half(**rereading).logits[:, -new_tokens - 1 : -1].argmax(-1)
     assert (predicted == generated[:, -new_tokens:]).float().mean() > 0.85
+
+
+def test_compiled_static_cache_generation_equals_the_dynamic_cache():
+    """On a GPU a static cache makes `generate` compile the decoding step (CUDA graphs): the same tokens."""
+    model = _cuda_model("qwen3")
+    inputs = _inputs(model)
+    settings = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, **settings)
+        for _ in range(2):  # the second call replays the compiled step
+            static = model.generate(**inputs, **settings, cache_implementation="static")
+    assert static.sequences.tolist() == dynamic.sequences.tolist()
+    for static_scores, dynamic_scores in zip(static.scores, dynamic.scores, strict=True):
+        torch.testing.assert_close(static_scores, dynamic_scores, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("llm", ["llama", "qwen3", "gemma2"])

@@ -254,6 +254,75 @@ def test_beams_and_return_sequences_stay_with_their_example(llm, encoder, genera
         assert batched[2 * row : 2 * row + 2, prompt_len:].tolist() == alone[:, len(texts[row]) :].tolist()
 
 
+@pytest.mark.parametrize("llm", ["llama", "qwen3", "gemma2"])
+def test_a_static_cache_generates_what_the_dynamic_cache_generates(llm, generator):
+    model = tiny_model(llm)
+    set_gates(model, 0.7)
+    inputs, _, _ = make_batch(model, generator, text_side="left")
+    greedy = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, output_scores=True, return_dict_in_generate=True)
+    dynamic = model.generate(**inputs, **greedy)
+    static = model.generate(**inputs, **greedy, cache_implementation="static")
+    assert static.sequences.tolist() == dynamic.sequences.tolist()
+    for static_scores, dynamic_scores in zip(static.scores, dynamic.scores, strict=True):
+        torch.testing.assert_close(static_scores, dynamic_scores, rtol=1e-5, atol=1e-5)
+    beams = dict(max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False, eos_token_id=None)
+    assert model.generate(**inputs, **beams, cache_implementation="static").tolist() == model.generate(**inputs, **beams).tolist()
+    no_prompt = dict(encoder_input_ids=inputs["encoder_input_ids"], encoder_attention_mask=inputs["encoder_attention_mask"])
+    assert model.generate(**no_prompt, max_new_tokens=5, do_sample=False, eos_token_id=None, cache_implementation="static").tolist() == (
+        model.generate(**no_prompt, max_new_tokens=5, do_sample=False, eos_token_id=None).tolist()
+    )
+
+
+def decoding_step_shapes(model, inputs, **settings) -> list[tuple]:
+    """The shapes of every tensor `forward` receives at each step of `generate` (a dict mask by its entries)."""
+    steps = []
+
+    def record(module, args, kwargs):
+        shapes = []
+        for name, value in sorted(kwargs.items()):
+            tensors = value.items() if isinstance(value, dict) else [("", value)]
+            shapes += [(name, key, tuple(t.shape)) for key, t in tensors if isinstance(t, torch.Tensor)]
+        steps.append(tuple(shapes))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        model.generate(**inputs, **settings)
+    finally:
+        hook.remove()
+    return steps
+
+
+@pytest.mark.parametrize("llm", ["llama", "gemma2"])
+def test_static_cache_decoding_steps_all_have_the_same_shapes(llm, generator):
+    """What lets `generate` compile one decoding step for all: the LLM's mask arrives prepared over the whole cache."""
+    model = tiny_model(llm)
+    set_gates(model, 0.7)
+    inputs, _, _ = make_batch(model, generator, text_side="left")
+    steps = decoding_step_shapes(model, inputs, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    assert len(steps) == 5
+    assert len(set(steps[1:])) == 1
+    # (A dynamic cache's text mask grows by one column per step.)
+    assert len(set(decoding_step_shapes(model, inputs, max_new_tokens=5, do_sample=False)[1:])) == 4
+
+
+def test_a_compiled_decoding_step_is_one_graph_and_generates_the_same(generator):
+    """`generate` compiles the decoding step when the cache is static; `fullgraph=True` fails on any graph break and
+    `error_on_recompile` on a recompilation. (The "eager" backend traces without generating code, in seconds.)"""
+    from transformers import CompileConfig
+
+    model = tiny_model("qwen3")
+    set_gates(model, 0.7)
+    inputs, _, _ = make_batch(model, generator, text_side="left")
+    settings = dict(max_new_tokens=5, do_sample=False, eos_token_id=None)
+    compile_config = CompileConfig(fullgraph=True, backend="eager")
+    compile_config._compile_all_devices = True  # `generate` compiles on accelerators only, unless told so
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = model.generate(**inputs, **settings, cache_implementation="static", compile_config=compile_config)
+    torch._dynamo.reset()
+    assert compiled.tolist() == model.generate(**inputs, **settings).tolist()
+
+
 def test_one_beam_equals_greedy(generator):
     model = tiny_model("mistral")
     set_gates(model, 0.7)
@@ -582,13 +651,6 @@ def test_return_dict_false_gives_a_tuple(generator):
     loss, logits = model(**inputs, labels=labels, return_dict=False)[:2]
     torch.testing.assert_close(loss, output.loss)
     torch.testing.assert_close(logits, output.logits)
-
-
-def test_a_static_cache_is_refused_with_the_reason(generator):
-    model = tiny_model()
-    inputs, _, _ = make_batch(model, generator)
-    with pytest.raises(ValueError, match="`cache_implementation='static'` is not supported"):
-        model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
 
 
 def test_unsupported_families_are_named():

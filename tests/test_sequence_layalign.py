@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from modeling_layalign.sequence_layalign import assemble_sequence, gather_rows, positions_from_mask, prefix_mask
+from modeling_layalign.sequence_layalign import (
+    assemble_sequence,
+    decoding_sequence,
+    gather_rows,
+    is_prepared_llm_mask,
+    positions_from_mask,
+    prefix_mask,
+)
 
 
 def embeddings(batch: int, length: int, offset: float) -> torch.Tensor:
@@ -43,6 +50,20 @@ def test_later_passes_keep_the_text_and_continue_the_positions():
     assert sequence.order is None and sequence.inputs_embeds[0, 0, 0].item() == 7
     assert sequence.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1, 1, 1]]
     assert sequence.position_ids.tolist() == [[5]]  # 3 real prefix positions + 2 earlier text tokens
+
+
+def test_a_decoding_step_with_a_prepared_mask_gets_the_same_positions():
+    prefix = torch.tensor([[1, 1, 0, 1]])
+    text_mask = torch.tensor([[0, 1, 1, 1]])
+    two_d = assemble_sequence(prefix, embeddings(1, 1, 7), text_mask, past_len=7, position_ids=torch.tensor([[2]]))
+    prepared_mask = torch.zeros(1, 1, 1, 12)  # what the LLM's mask functions build over a static cache
+    prepared = decoding_sequence(prefix, embeddings(1, 1, 7), prepared_mask, torch.tensor([[2]]))
+    assert prepared.position_ids.tolist() == two_d.position_ids.tolist() == [[5]]
+    assert prepared.attention_mask is prepared_mask and prepared.order is None
+    with pytest.raises(ValueError, match="`position_ids`"):
+        decoding_sequence(prefix, embeddings(1, 1, 7), prepared_mask, None)
+    assert is_prepared_llm_mask(prepared_mask) and is_prepared_llm_mask({"full_attention": prepared_mask})
+    assert not is_prepared_llm_mask(text_mask) and not is_prepared_llm_mask(None)
 
 
 def test_given_position_ids_are_shifted_by_the_real_prefix():
