@@ -93,6 +93,15 @@ class LayAlignGenerationMixin(GenerationMixin):
         )
         if is_first_iteration or cache is None or not cache.is_compileable:
             return inputs
+        return self._with_prepared_llm_mask(inputs, input_ids, cache)
+
+    def _with_prepared_llm_mask(self, inputs: dict, input_ids: torch.LongTensor, cache: Cache) -> dict:
+        """A decoding step's inputs with the LLM's mask over the whole static cache, and the text's positions.
+
+        Args:
+            inputs: what the stock `prepare_inputs_for_generation` returned, its `attention_mask` 2-D over the text.
+            input_ids: `(batch, text_len)`, all the text so far (prompt and generated tokens).
+        """
         text_mask = inputs.get("attention_mask")
         if text_mask is None:
             text_mask = torch.ones_like(input_ids)
