@@ -61,8 +61,15 @@ class LayAlignTextGenerationPipeline(Pipeline):
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs, **overrides)
         generated = self.model.generate(**batch, **generate_kwargs)
         new_tokens = generated[:, batch["input_ids"].shape[1] :] if "input_ids" in batch else generated
-        return {"generated_text": [text.strip() for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]}
+        texts = [text.strip() for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+        # `generate` returns each source's `num_return_sequences` rows one after another; one list per source keeps
+        # them together when the pipeline splits a batch back into its inputs.
+        per_source = len(texts) // len(sources)
+        return {"generated_text": [texts[start : start + per_source] for start in range(0, len(texts), per_source)]}
 
     def postprocess(self, model_outputs: dict) -> list[dict[str, str]]:
+        """One input's texts (a list, or a list holding that list when the input was not batched)."""
         texts = model_outputs["generated_text"]
-        return [{"generated_text": text} for text in ([texts] if isinstance(texts, str) else texts)]
+        if texts and isinstance(texts[0], list):
+            (texts,) = texts
+        return [{"generated_text": text} for text in texts]

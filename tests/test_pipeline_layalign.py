@@ -21,8 +21,10 @@ CLEAN_PROCESS = textwrap.dedent(
     sources = json.loads(sys.argv[2])
     one = pipe(sources[0], max_new_tokens=5)
     batched = pipe(sources, batch_size=2, max_new_tokens=5)
-    beams = pipe(sources[0], max_new_tokens=5, num_beams=2, num_return_sequences=2)
-    print(json.dumps({"class": type(pipe).__name__, "one": one, "batched": batched, "beams": beams}))
+    beam_settings = dict(max_new_tokens=5, num_beams=2, num_return_sequences=2)
+    beams = [pipe(source, **beam_settings) for source in sources]
+    batched_beams = pipe(sources, batch_size=2, **beam_settings)
+    print(json.dumps({"class": type(pipe).__name__, "one": one, "batched": batched, "beams": beams, "batched_beams": batched_beams}))
     """
 )
 
@@ -44,4 +46,7 @@ def test_pipeline_answers_raw_text_in_a_clean_process(tiny_layalign_folder, tmp_
     expected = layalign_generate(model, processor, SOURCES, prompts, max_new_tokens=5)
     assert output["one"] == [{"generated_text": expected[0]}]
     assert output["batched"] == [[{"generated_text": text}] for text in expected]
-    assert len(output["beams"]) == 2 and all(isinstance(item["generated_text"], str) for item in output["beams"])
+    for beams in output["beams"]:
+        assert len(beams) == 2 and all(isinstance(item["generated_text"], str) for item in beams)
+    # Several sequences per source stay with their source when sources are batched.
+    assert output["batched_beams"] == output["beams"]
