@@ -54,7 +54,8 @@ def check_labels(labels: torch.Tensor, expected_shape: tuple[int, int]) -> None:
             f"`labels` has shape {tuple(labels.shape)}; it must match the text, {expected_shape} (batch, text_len), "
             "with -100 where no loss is wanted."
         )
-    if not (labels != -100).any():
+    # (Not while compiling: a branch on the labels' values would split the compiled graph.)
+    if not torch.compiler.is_compiling() and not (labels != -100).any():
         logger.warning_once(
             "`labels` hold no target token (all -100): the loss of this batch is not defined. Check that the "
             "targets survive truncation (`max_length`)."

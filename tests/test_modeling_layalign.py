@@ -404,6 +404,32 @@ def test_two_models_in_two_threads_do_not_interfere(generator):
             torch.testing.assert_close(logits, expected[index], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("llm,encoder", [("llama", "mt5"), ("gemma2", "xlm-roberta")])
+def test_a_training_step_compiles_as_one_graph_with_the_same_gradients(llm, encoder, generator):
+    """What `TrainingArguments(torch_compile=True)` needs: no graph break in `forward` (`fullgraph=True`; the
+    "eager" backend traces without generating code), and the same loss and gradients as eager."""
+    model = tiny_model(llm, encoder)
+    set_gates(model, 0.5)
+    model.eval()  # no dropout, so that both passes compute the same
+    inputs, _, _ = make_batch(model, generator)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+
+    def loss_and_gradients(forward):
+        model.zero_grad()
+        loss = forward(**inputs, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    eager_loss, eager_gradients = loss_and_gradients(model)  # (also installs transformers' output-capturing hooks)
+    torch._dynamo.reset()
+    compiled_loss, compiled_gradients = loss_and_gradients(torch.compile(model, fullgraph=True, backend="eager"))
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    assert compiled_gradients.keys() == eager_gradients.keys() and len(eager_gradients) > 0
+    for name, gradient in eager_gradients.items():
+        torch.testing.assert_close(compiled_gradients[name], gradient, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("llm,encoder", FAMILY_PAIRS)
 def test_gradients_reach_exactly_the_layalign_modules(llm, encoder, generator):
     model = tiny_model(llm, encoder)
