@@ -8,7 +8,8 @@ sentence and predicts its English translation (every text token is a target); st
 predicts the answer after a prompt (the last half of the text is the target). The LLM-alone baseline is the LLM's
 forward and backward to its input embeddings over a sequence as long as LayAlign's (`[BOS, mapped, boundary,
 text]`): the least any method that trains modules in front of a frozen LLM must do. Under bfloat16 the LayAlign
-modules stay float32 and the step runs under autocast.
+modules stay float32 and the step runs under autocast. `--compile` runs each contender through `torch.compile`
+(what `--torch_compile` does in the training script); the untimed warm-up rounds compile.
 """
 
 import contextlib
@@ -57,8 +58,11 @@ def stage_batch(models: Models, text_len: int, target_from: int) -> dict:
     }
 
 
-def measure_stage(models: Models, text_len: int, target_from: int, repeats: int, profile: bool = False) -> dict[str, dict]:
+def measure_stage(
+    models: Models, text_len: int, target_from: int, repeats: int, profile: bool = False, compile: bool = False
+) -> dict[str, dict]:
     preset = models.preset
+    maybe_compiled = torch.compile if compile else lambda model: model
     batch = stage_batch(models, text_len, target_from)
     autocast = (
         contextlib.nullcontext
@@ -70,14 +74,17 @@ def measure_stage(models: Models, text_len: int, target_from: int, repeats: int,
         model.train()
         trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-5)
-        steps[name] = lambda model=model, optimizer=optimizer: layalign_step(model, batch, optimizer, autocast)
+        steps[name] = lambda model=maybe_compiled(model), optimizer=optimizer: layalign_step(
+            model, batch, optimizer, autocast
+        )
     sequence_len = models.layalign.num_prefix_positions(preset.encoder_len) + text_len
     embeds = torch.randn(
         preset.train_batch, sequence_len, models.llm.config.hidden_size, device=preset.device, dtype=preset.dtype
     )
     llm_labels = torch.full((preset.train_batch, sequence_len), -100, device=preset.device)
     llm_labels[:, -text_len:] = batch["labels"]
-    steps["LLM alone, to its inputs"] = lambda: llm_step(models.llm, embeds, llm_labels, autocast)
+    llm = maybe_compiled(models.llm)
+    steps["LLM alone, to its inputs"] = lambda: llm_step(llm, embeds, llm_labels, autocast)
 
     medians = interleaved_median_seconds(steps, preset.device, repeats, warmup=2)
     if profile:
@@ -97,16 +104,20 @@ def measure_stage(models: Models, text_len: int, target_from: int, repeats: int,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = argument_parser(__doc__, repeats=5, profile_help="Also profile one stage-1 step of each.").parse_args(argv)
+    parser = argument_parser(__doc__, repeats=5, profile_help="Also profile one stage-1 step of each.")
+    parser.add_argument("--compile", action="store_true", help="Run each contender through `torch.compile`.")
+    args = parser.parse_args(argv)
     models = build_models(args.preset)
     preset = models.preset
+    mode = "compiled" if args.compile else "eager"
     stages = {
         "stage 1": (preset.stage1_text_len, 0),
         "stage 2": (preset.stage2_text_len, preset.stage2_text_len // 2),
     }
-    results = {"preset": args.preset, "device": describe_device(preset.device), "dtype": str(preset.dtype)}
+    results = {"preset": args.preset, "device": describe_device(preset.device), "dtype": str(preset.dtype), "mode": mode}
     for stage, (text_len, target_from) in stages.items():
-        measured = measure_stage(models, text_len, target_from, args.repeats, args.profile and stage == "stage 1")
+        profile = args.profile and stage == "stage 1"
+        measured = measure_stage(models, text_len, target_from, args.repeats, profile, args.compile)
         results[stage] = measured
         mindmerger, llm = measured["MindMerger mode"]["seconds"], measured["LLM alone, to its inputs"]["seconds"]
         rows = [
@@ -122,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         ]
         sequence_len = models.layalign.num_prefix_positions(preset.encoder_len) + text_len
         print_table(
-            f"{stage} training step, preset {args.preset} ({results['device']}, {preset.dtype}): batch "
+            f"{stage} training step, preset {args.preset} ({results['device']}, {preset.dtype}, {mode}): batch "
             f"{preset.train_batch}, {preset.encoder_len} encoder tokens, {sequence_len} LLM tokens, median of "
             f"{args.repeats}",
             ["", "ms / step", "examples/s", "vs MindMerger mode", "vs LLM alone", "peak GiB"],
