@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: on one machine with an NVIDIA GPU and no network, in about 8 to 12 minutes, run the GPU tests
+# The GPU check: on one machine with an NVIDIA GPU and no network (the steps' time limits add up to 14 minutes), run the GPU tests
 # (`pytest -m gpu`: bf16 against fp32, compiled static-cache decoding, SDPA against eager, flash attention when
 # installed, a bf16 training run) and the benchmarks with the `paper` preset (mT5-xl encoder + Llama-2-7B at random
 # init, bf16), eager and with compiled decoding, writing logs and JSON results.
