@@ -117,8 +117,7 @@ class LayAlignGenerationMixin(GenerationMixin):
             # Only the batch size, query length, dtype and device are read.
             inputs_embeds=torch.empty((*step_ids.shape, 0), dtype=self.llm.dtype, device=step_ids.device),
             attention_mask=llm_mask,
-            cache=cache,
-            position_ids=inputs["position_ids"] + prefix.sum(dim=1, keepdim=True),
+            cache=cache,  # (with a mask and a cache, position ids would go unread: they only detect packed rows)
         )
         if isinstance(llm_mask, dict):
             inputs["attention_mask"] = {kind: mask.contiguous() for kind, mask in llm_mask.items()}
