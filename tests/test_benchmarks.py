@@ -41,3 +41,24 @@ def test_checkpoint_benchmark_writes_both_forms(benchmark_module, capsys):
     assert results["full"]["written"] and results["LayAlign-only"]["written"]
     assert 0 < results["LayAlign-only"]["bytes"] < results["full"]["bytes"]
     assert "| LayAlign-only |" in capsys.readouterr().out
+
+
+def test_operator_count_benchmark_counts_the_three_systems(benchmark_module, capsys):
+    results = benchmark_module("bench_ops").main(["--preset", "tiny", "--top", "5"])
+    printed = capsys.readouterr().out
+    for title in (
+        "ATen operators dispatched",
+        "issue 16's targets",
+        "operators LayAlign adds over MindMerger mode, training step",
+        "operators one decoding step adds over the LLM alone",
+    ):
+        assert title in printed
+    assert printed.count("| LLM alone | ") == 3  # all dispatched, without views, scalar reads
+    totals = results["totals"]
+    assert set(totals) == {"LayAlign", "MindMerger mode", "LLM alone"}
+    for phases in totals.values():
+        assert {"step", "forward", "backward", "prefill", "decoding step"} <= set(phases)
+        assert all(number > 0 for number in phases.values())
+    # Counted, not timed: the fused branch and the input mapping add operators to the LLM's own.
+    assert totals["LayAlign"]["step"] >= totals["MindMerger mode"]["step"] >= totals["LLM alone"]["step"]
+    assert {target["phase"] for target in results["targets"]} == {"training step", "prefill", "decoding step"}
