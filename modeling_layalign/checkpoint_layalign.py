@@ -6,15 +6,37 @@ frozen holds the LayAlign modules only (a few MB of safetensors) and a config na
 `from_pretrained` loads first.
 """
 
+import fnmatch
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_utils import load_state_dict
-from transformers.utils import SAFE_WEIGHTS_NAME, cached_file, logging
+from safetensors import SafetensorError, safe_open
+from transformers.tokenization_utils_base import (
+    ADDED_TOKENS_FILE,
+    FULL_TOKENIZER_FILE,
+    SPECIAL_TOKENS_MAP_FILE,
+    TOKENIZER_CONFIG_FILE,
+)
+from transformers.utils import (
+    ADAPTER_CONFIG_NAME,
+    CHAT_TEMPLATE_DIR,
+    CHAT_TEMPLATE_FILE,
+    CONFIG_NAME,
+    FEATURE_EXTRACTOR_NAME,
+    GENERATION_CONFIG_NAME,
+    LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE,
+    PROCESSOR_NAME,
+    SAFE_WEIGHTS_NAME,
+    cached_file,
+    logging,
+)
 
 from .configuration_layalign import CHECKPOINT_FORMATS, LayAlignConfig
 from .encoders_layalign import encoder_family
@@ -27,6 +49,36 @@ logger = logging.get_logger(__name__)
 LAYALIGN_FILE_KWARGS = ("revision", "subfolder", "code_revision", "trust_remote_code", "_from_auto", "adapter_kwargs")
 # Keyword arguments of `from_pretrained` that also apply to loading the base models.
 SHARED_LOAD_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token")
+# What a save replaces in a folder that already holds a checkpoint: every file that transformers loads as part of a
+# model or of its processor (config, generation config, weights, peft adapters, processor, tokenizers, chat templates,
+# vocabularies), and every subfolder holding a tokenizer or processor (a processor's second tokenizer).
+MODEL_FILE_PATTERNS = (
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    "model*.safetensors",
+    "model*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model*.bin.index.json",
+    "adapter_model*",
+    ADAPTER_CONFIG_NAME,
+    PROCESSOR_NAME,
+    FEATURE_EXTRACTOR_NAME,
+    TOKENIZER_CONFIG_FILE,
+    FULL_TOKENIZER_FILE,
+    SPECIAL_TOKENS_MAP_FILE,
+    ADDED_TOKENS_FILE,
+    CHAT_TEMPLATE_FILE,
+    LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE,
+    CHAT_TEMPLATE_DIR,
+    "tokenizer*",
+    "*.model",
+    "vocab.*",
+    "merges.txt",
+    "*.tiktoken",
+)
+# Hidden folders next to `NAME` during a save: `.NAME.saving-...` holds the new files, `.NAME.old-...` the replaced
+# checkpoint until the new one is in place. The host and process id tell a killed save's folders from a running one's.
+HIDDEN_FOLDER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>saving|old)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]+$")
 
 
 class LayAlignCheckpointMixin:
@@ -116,10 +168,25 @@ class LayAlignCheckpointMixin:
                 `encoder_name_or_path` / `llm_name_or_path`) or `"full"` (every weight). Defaults to
                 [`default_checkpoint_format`], so `Trainer` checkpoints of frozen-base training are small.
 
-        The files are written to a temporary folder next to `save_directory`, which then takes the old folder's
-        place by renaming whole folders: an interrupted save never leaves a folder that loads a mix of old and new
-        files, and never loses the old checkpoint before the new one is complete.
+        The files are written to a hidden folder next to `save_directory` (`.NAME.saving-*`), which then takes the
+        old folder's place by renaming whole folders: an interrupted save never leaves a folder that loads a mix of
+        old and new files, and never loses the old checkpoint before the new one is complete.
+
+        What a save replaces and what it keeps, when `save_directory` already holds a checkpoint: every file that
+        transformers loads as part of a model or its processor is replaced or removed (config, generation config,
+        weights, peft adapters, processor, tokenizer, chat-template and vocabulary files, and subfolders holding a
+        tokenizer; see `MODEL_FILE_PATTERNS`), so nothing of the old model is loaded beside the new one: save the
+        processor again after the model. Everything else is kept (a Trainer's `checkpoint-*` folders, logs,
+        evaluation results, a model card). A `save_directory` that is a file is refused before anything moves. A save
+        killed between its two renames leaves the old checkpoint in `.NAME.old-*`: the next save puts it back first
+        (and removes the hidden folders of killed saves); loading names where it is.
         """
+        save_directory = Path(save_directory)
+        if save_directory.exists() and not save_directory.is_dir():
+            raise NotADirectoryError(
+                f"`save_directory` {os.fspath(save_directory)!r} is a file, not a folder: pass a folder path (the file "
+                "is left as it is)."
+            )
         checkpoint_format = checkpoint_format or self.default_checkpoint_format()
         if checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(f"`checkpoint_format` must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}.")
@@ -138,11 +205,11 @@ class LayAlignCheckpointMixin:
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": _class_reference(type(self))}
         # `pipeline("text-generation", model=<this folder>, trust_remote_code=True)` then runs `pipeline_layalign.py`.
         self.config.custom_pipelines = custom_pipelines_entry()
-        save_directory = Path(save_directory)
         if kwargs.get("push_to_hub"):
             kwargs.setdefault("repo_id", save_directory.name)
         save_directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{save_directory.name}.", dir=save_directory.parent))
+        recover_interrupted_saves(save_directory)
+        staging = _make_hidden_folder(save_directory, "saving")
         try:
             super().save_pretrained(staging, *args, state_dict=state_dict, **kwargs)
             _swap_in(staging, save_directory)
@@ -161,6 +228,12 @@ class LayAlignCheckpointMixin:
         `PreTrainedModel.from_pretrained` would silently give random bases instead.
         """
         folder = Path(pretrained_model_name_or_path)
+        if not folder.exists() and (previous := interrupted_save_location(folder)) is not None:
+            raise OSError(
+                f"{os.fspath(folder)!r} does not exist: a save into it was killed between its two renames, and the "
+                f"previous checkpoint is in {os.fspath(previous)!r}. Load it from there, move it back, or save again to "
+                f"{os.fspath(folder)!r} (a save puts it back first)."
+            )
         if not isinstance(config, PretrainedConfig) and folder.is_dir() and not (folder / "config.json").is_file():
             raise OSError(
                 f"{os.fspath(folder)!r} is not a LayAlign checkpoint: it holds no config.json (an interrupted save "
@@ -192,12 +265,13 @@ class LayAlignCheckpointMixin:
         shared = {key: kwargs[key] for key in SHARED_LOAD_KWARGS if key in kwargs}
         download = {**shared, **{key: file_kwargs[key] for key in ("revision", "subfolder") if key in file_kwargs}}
         weights_file = cached_file(path, SAFE_WEIGHTS_NAME, **download)
+        check_safetensors_file(weights_file)
         logger.info(
             f"{path} holds the LayAlign weights only: loading the encoder from {config.encoder_name_or_path} and the "
             f"LLM from {config.llm_name_or_path} first."
         )
         for source_field, role in (("encoder_name_or_path", "encoder"), ("llm_name_or_path", "LLM")):
-            _check_base_source(getattr(config, source_field), source_field, role)
+            _check_base_source(getattr(config, source_field), source_field, role, shared)
         encoder_kwargs, llm_kwargs = dict(kwargs), dict(kwargs)
         if isinstance(implementation := kwargs.get("attn_implementation"), dict):
             # Routed by sub-config name, as `from_pretrained` routes it for a full checkpoint.
@@ -304,15 +378,39 @@ def evenly_spaced_positions(numel: int, count: int) -> torch.LongTensor:
     return torch.arange(count, dtype=torch.long) * (numel - 1) // max(count - 1, 1)
 
 
-def _check_base_source(source: str, source_field: str, role: str) -> None:
-    """A base recorded as a local folder that is no longer there: say so, and how to point at where it is now
-    (transformers would take the path for a malformed Hub id)."""
+def _check_base_source(source: str | None, source_field: str, role: str, download: dict) -> None:
+    """Checks, before any weight is loaded, that the base named in config.json can be found: a local folder that is
+    no longer there (transformers would take the path for a malformed Hub id), no name at all, or a Hub id that is
+    not in the cache offline are named with the field to pass instead."""
+    hint = f"pass `{source_field}=` to `from_pretrained` with where it is (a folder or a Hub id)."
+    if not source:
+        raise OSError(f"config.json names no {role} (`{source_field}` is {source!r}): {hint}")
     looks_local = os.path.isabs(source) or source.startswith((".", "~"))
     if looks_local and not os.path.isdir(os.path.expanduser(source)):
         raise OSError(
-            f"The {role} named in config.json ({source!r}, field `{source_field}`) is not found on this machine; "
-            f"pass `{source_field}=` to `from_pretrained` with where it is now (a folder or a Hub id)."
+            f"The {role} named in config.json ({source!r}, field `{source_field}`) is not found on this machine; {hint}"
         )
+    if not looks_local:
+        try:
+            cached_file(source, CONFIG_NAME, **download)
+        except (OSError, ValueError) as error:
+            raise OSError(
+                f"The {role} named in config.json ({source!r}, field `{source_field}`) cannot be loaded: "
+                f"{str(error).strip().splitlines()[0]} Download it first (offline, only cached models load), or {hint}"
+            ) from error
+
+
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """Raises an `OSError` naming `path` when it is not a complete safetensors file (a truncated copy or download),
+    reading only its header."""
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except (SafetensorError, OSError) as error:
+        raise OSError(
+            f"{os.fspath(path)!r} is not a complete safetensors file ({error}): it may be truncated by an interrupted "
+            "copy or download. Copy or download the checkpoint again, or save it again."
+        ) from error
 
 
 def check_base_matches(expected, loaded, source_field: str) -> None:
@@ -329,28 +427,172 @@ def _class_reference(cls: type) -> str:
     return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
 
 
+def _make_hidden_folder(target: Path, kind: str) -> Path:
+    """Creates `.NAME.<kind>-<host>-<pid>-<random>` next to `target`, with the permissions of any new folder (the
+    umask's, as transformers' own saves get; `tempfile.mkdtemp` would give 0700)."""
+    folder = target.parent / f".{target.name}.{kind}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        os.mkdir(folder)
+    except PermissionError as error:
+        raise PermissionError(
+            f"Cannot save to {os.fspath(target)!r}: no permission to write in its parent folder "
+            f"{os.fspath(target.parent)!r} (a save writes the new checkpoint next to the folder, then renames it into "
+            "place). Pass a `save_directory` in a folder you can write to."
+        ) from error
+    return folder
+
+
 def _swap_in(staging: Path, target: Path) -> None:
     """Puts the finished save in `staging` in place of `target` by renaming whole folders.
 
     `target` is renamed aside, `staging` renamed in, and only then is the old folder deleted, so a complete
-    checkpoint exists at every moment: the old one (at `target`, then aside) until the new one is in place. What the
-    old folder holds besides a checkpoint (a Trainer's `checkpoint-*` folders, evaluation results) moves into the new
-    one; its weights and peft adapter files do not (transformers would attach a stale adapter found next to the
-    weights).
+    checkpoint exists at every moment: the old one (at `target`, then aside) until the new one is in place. If the
+    second rename fails, the old folder is put back. What the old folder holds besides a model and its processor
+    moves into the new one (see `save_pretrained`).
     """
     if not target.exists():
         os.replace(staging, target)
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.replace(target, aside / target.name)
-    os.replace(staging, target)
-    for item in (aside / target.name).iterdir():
-        keep = item.name != "config.json" and not _is_weight_or_adapter_file(item.name)
-        if keep and not (target / item.name).exists():
-            os.replace(item, target / item.name)
+    aside = _make_hidden_folder(target, "old")
+    try:
+        os.replace(target, aside / target.name)
+    except OSError as error:
+        aside.rmdir()
+        if isinstance(error, PermissionError):
+            raise PermissionError(
+                f"Cannot save to {os.fspath(target)!r}: no permission to replace that folder (a save renames it aside "
+                "and the new checkpoint into its place, which needs write permission on it and on its parent). Pass "
+                "a `save_directory` you can write to."
+            ) from error
+        raise
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(aside / target.name, target)
+        aside.rmdir()
+        raise
+    _carry_over(aside / target.name, target)
     shutil.rmtree(aside)
 
 
-def _is_weight_or_adapter_file(name: str) -> bool:
-    weights = name.startswith("model") and ".safetensors" in name
-    return weights or name.startswith(("adapter_model", "adapter_config"))
+def _carry_over(old: Path, new: Path) -> None:
+    """Moves what `old` holds besides a model and its processor into `new`, where `new` has nothing of that name."""
+    for item in old.iterdir():
+        if not describes_a_model(item) and not (new / item.name).exists():
+            os.replace(item, new / item.name)
+
+
+def describes_a_model(item: Path) -> bool:
+    """Whether a file or subfolder of a checkpoint is one that a new save replaces (see `MODEL_FILE_PATTERNS`)."""
+    if item.is_dir():
+        # A processor's second tokenizer; a Trainer's `checkpoint-*` folder holds a tokenizer too, and a model.
+        tokenizer = any((item / name).is_file() for name in (TOKENIZER_CONFIG_FILE, PROCESSOR_NAME))
+        return item.name == CHAT_TEMPLATE_DIR or (tokenizer and not (item / CONFIG_NAME).is_file())
+    return any(fnmatch.fnmatchcase(item.name, pattern) for pattern in MODEL_FILE_PATTERNS)
+
+
+def _killed_save_folders(target: Path) -> list[tuple[str, Path]]:
+    """`(kind, folder)` of the hidden folders that saves into `target` left behind when their process died on this
+    host (a folder of a running save, or of another host, is not touched: it is logged)."""
+    found = []
+    if not target.parent.is_dir():
+        return found
+    for folder in target.parent.iterdir():
+        match = HIDDEN_FOLDER.match(folder.name)
+        if match is None or match["name"] != target.name or not folder.is_dir():
+            continue
+        if match["host"] != socket.gethostname():
+            logger.warning(f"{folder} was left by a save into {target} on host {match['host']}; it is not touched.")
+        elif not _process_is_running(int(match["pid"])):
+            found.append((match["kind"], folder))
+    return sorted(found, key=lambda entry: entry[0])  # "old" before "saving"
+
+
+def _process_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def recover_interrupted_saves(target: Path) -> None:
+    """Cleans up after saves into `target` that were killed.
+
+    A save killed between its two renames left the previous checkpoint in `.NAME.old-*/NAME` and nothing at
+    `target`: it is put back. One killed after them left what the old folder held besides the model there: that
+    moves into `target`. The hidden folders of killed saves (`.NAME.saving-*`, up to a checkpoint's size) are removed.
+    """
+    for kind, folder in _killed_save_folders(target):
+        previous = folder / target.name
+        if kind == "old" and previous.is_dir():
+            if not target.exists():
+                os.replace(previous, target)
+                logger.warning(f"Put back the checkpoint that a killed save into {target} had left in {folder}.")
+            else:
+                _carry_over(previous, target)
+        shutil.rmtree(folder)
+
+
+def interrupted_save_location(target: Path) -> Path | None:
+    """Where a save into `target` killed between its two renames left the previous checkpoint, if it did."""
+    for kind, folder in _killed_save_folders(target):
+        if kind == "old" and (folder / target.name / CONFIG_NAME).is_file():
+            return folder / target.name
+    return None
+
+
+# `LayAlignConfig` fields that decide which LayAlign weights a model has, hence its optimizer's parameter groups.
+STRUCTURE_FIELDS = (
+    "use_input_mapping",
+    "use_layer_fusion",
+    "fused_encoder_layers",
+    "adapted_llm_layers",
+    "fusion_structure",
+    "train_encoder",
+    "train_llm",
+)
+
+
+def check_training_checkpoint(model: PreTrainedModel, checkpoint: str | os.PathLike) -> None:
+    """Raises a `ValueError` unless `checkpoint` is a `Trainer` checkpoint that `model` can resume from.
+
+    `Trainer` loads a LayAlign-only checkpoint over whatever bases the run has and only warns about the missing base
+    weights, as it does for a correct resume: a checkpoint trained over another base, or with other LayAlign modules
+    (a MindMerger run resumed as LayAlign), is refused here the way `from_pretrained` refuses it.
+    """
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    folder = Path(checkpoint)
+    if not (folder / TRAINER_STATE_NAME).is_file():
+        raise ValueError(
+            f"`resume_from_checkpoint` {os.fspath(folder)!r} is not a training checkpoint: it holds no "
+            f"{TRAINER_STATE_NAME}. Pass a `checkpoint-N` folder that Trainer wrote; to start from a saved model "
+            "instead, pass it as `--init_from`."
+        )
+    if not (folder / CONFIG_NAME).is_file():
+        return  # a peft checkpoint of a LoRA run: its adapter config names the model
+    saved = type(model.config).from_pretrained(folder)
+    differences = [
+        f"{name}={getattr(saved, name)!r} (this run: {getattr(model.config, name)!r})"
+        for name in STRUCTURE_FIELDS
+        if getattr(saved, name) != getattr(model.config, name)
+    ]
+    if differences:
+        raise ValueError(
+            f"`resume_from_checkpoint` {os.fspath(folder)!r} was trained with other LayAlign modules: "
+            f"{', '.join(differences)}. Resume with the settings it was trained with, or start from it with `--init_from`."
+        )
+    try:
+        check_base_matches(saved.encoder_config, model.encoder.config, "encoder_name_or_path")
+        check_base_matches(saved.text_config, model.llm.config, "llm_name_or_path")
+        if saved.base_fingerprints:
+            check_base_fingerprint(model.encoder, saved.base_fingerprints["encoder"], "encoder_name_or_path")
+            check_base_fingerprint(model.llm, saved.base_fingerprints["llm"], "llm_name_or_path")
+    except ValueError as error:
+        raise ValueError(
+            f"`resume_from_checkpoint` {os.fspath(folder)!r} was trained over other bases than this run's (encoder "
+            f"{saved.encoder_name_or_path!r}, LLM {saved.llm_name_or_path!r}): {error}"
+        ) from error
