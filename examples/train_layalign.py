@@ -23,12 +23,14 @@ from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArgum
 from transformers.utils import logging
 
 from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
+from modeling_layalign.checkpoint_layalign import check_training_checkpoint
 from modeling_layalign.data import (
     MATH_PROMPT,
     PAIR_LANGUAGES,
     LayAlignDataCollator,
     held_out_lines,
     load_english_sentences,
+    load_training_file,
     load_math_instructions,
     load_translation_pairs,
     tokenize_for_stage,
@@ -184,9 +186,7 @@ def add_lora(model: LayAlignForCausalLM, model_args: ModelArguments):
 
 def training_data(data_args: DataArguments):
     if data_args.train_file:
-        from datasets import load_dataset
-
-        dataset = load_dataset("json", data_files=data_args.train_file, split="train")
+        dataset = load_training_file(data_args.train_file)
     elif data_args.stage == 1:
         exclude = held_out_lines(data_args.held_out)
         dataset = load_translation_pairs(data_args.languages, exclude_lines=exclude, data_dir=data_args.data_dir)
@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Traine
     # Seeded before the LayAlign modules are initialised, so `--seed` fixes the whole run (Trainer seeds only later).
     set_seed(training_args.seed)
     model, processor = build_model(model_args, data_args)
+    if training_args.resume_from_checkpoint:
+        check_training_checkpoint(model, training_args.resume_from_checkpoint)
     warm_start(model, processor, model_args, data_args)
     if model_args.dtype != "float32":
         keep_trainable_in_float32(model, training_args)
@@ -249,17 +251,18 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Traine
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     if model_args.lora_r:
-        save_merged(trainer.model, training_args.output_dir)
+        save_merged(trainer.model, processor, training_args.output_dir)
     trainer.save_state()
     return trainer
 
 
-def save_merged(model, output_dir: str) -> None:
+def save_merged(model, processor: LayAlignProcessor, output_dir: str) -> None:
     """Replaces the LoRA adapter that `Trainer` saved with the model it trained: the adapters merged into the LLM and
     the trained LayAlign modules in place, as a full checkpoint (the LLM now differs from the base its config names),
     so that `--init_from`, `evaluate_layalign.py` and `from_pretrained` load it like any LayAlign checkpoint."""
     merged = model.merge_and_unload()
     merged.save_pretrained(output_dir, checkpoint_format="full")
+    processor.save_pretrained(output_dir)  # a model save replaces the processor files it finds
 
 
 if __name__ == "__main__":

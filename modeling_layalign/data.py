@@ -11,6 +11,7 @@ A held-out block of line numbers (the same questions in every language) is kept 
 that evaluation reads questions no stage has seen in any language.
 """
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -172,6 +173,39 @@ def load_mgsm(languages=tuple(LANGUAGE_NAMES), *, limit: int | None = None, data
         table = table.map(lambda row: {"answer": str(row["answer"]).replace(",", ""), "language": language})
         parts.append(table)
     return concatenate_datasets(parts)
+
+
+def check_training_file(path: str | os.PathLike) -> None:
+    """Raises a `ValueError` naming the file and the line when `path` is not JSON Lines of objects with string
+    `source` and `target` fields (and optionally `prompt`): an empty file, bytes that are not UTF-8, a line that is not
+    JSON or lacks a field."""
+    path = Path(path)
+    expected = "one JSON object per line with string fields `source` and `target` (and optionally `prompt`)"
+    examples = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not UTF-8 text ({error}); save the file as UTF-8.") from error
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error}); it must hold {expected}.") from error
+            missing = [key for key in ("source", "target") if not isinstance(row, dict) or not isinstance(row.get(key), str)]
+            if missing:
+                raise ValueError(f"{path}, line {number}: no string field {', '.join(f'`{key}`' for key in missing)}; {expected}.")
+            examples += 1
+    if examples == 0:
+        raise ValueError(f"{path} holds no training example; it must hold {expected}.")
+
+
+def load_training_file(path: str | os.PathLike) -> Dataset:
+    """A JSON Lines training file (`source`, `target`, optionally `prompt`), checked by [`check_training_file`] first."""
+    check_training_file(path)
+    return load_dataset("json", data_files=os.fspath(path), split="train")
 
 
 def _select_lines(dataset: Dataset, lines: range | None, exclude_lines: range | None) -> Dataset:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoProcessor, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, TrainerCallback
 
 from modeling_layalign import LayAlignForCausalLM
 from modeling_layalign.data import LayAlignDataCollator
@@ -218,3 +218,36 @@ def test_stage_one_logs_the_collapse_monitor_and_warm_starts_the_mapping_on_requ
     # The same seed builds the same random mapping; only the warm start moves it (the learning rate is zero).
     random, warm = (runs[name].model.input_mapping.down.weight for name in ("random", "warm"))
     assert not torch.equal(random, warm)
+
+
+def test_resuming_a_checkpoint_of_another_run_is_refused(tiny_base_folders, tmp_path):
+    from .test_modeling_layalign_checkpoints import save_base
+
+    run = tmp_path / "run"
+    train_layalign.main(arguments(tiny_base_folders, run, "--stage", "1", "--save_steps", "2", "--max_steps", "2"))
+    other_llm = save_base(tmp_path / "other", "llm", "llama", seed=11)  # same shape, other weights
+    AutoTokenizer.from_pretrained(tiny_base_folders["llm"]).save_pretrained(other_llm)
+    resume = ("--resume_from_checkpoint", str(run / "checkpoint-2"))
+    with pytest.raises(ValueError, match="was trained over other bases than this run's.*has other weights"):
+        train_layalign.main(arguments({**tiny_base_folders, "llm": other_llm}, tmp_path / "a", *resume))
+    with pytest.raises(ValueError, match=r"other LayAlign modules: use_layer_fusion=True \(this run: False\)"):
+        train_layalign.main(arguments(tiny_base_folders, tmp_path / "b", "--use_layer_fusion", "False", *resume))
+    with pytest.raises(ValueError, match="is not a training checkpoint: it holds no trainer_state.json"):
+        train_layalign.main(arguments(tiny_base_folders, tmp_path / "c", "--resume_from_checkpoint", str(tmp_path / "other")))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "holds no training example"),
+        (b'{"question": "x", "answer": "y"}\n', r"line 1: no string field `source`, `target`"),
+        (b'{"source": "a", "target": "b"}\n{"source": "\xff", "target": "b"}\n', "line 2: not UTF-8 text"),
+        (b'{"source": "a", "target": "b"}\n{"source": "a", \n', "line 2: not valid JSON"),
+    ],
+)
+def test_a_bad_train_file_is_named_with_its_line(tiny_base_folders, tmp_path, content, message):
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"train.jsonl,? {message}"):
+        train_layalign.main(arguments(tiny_base_folders, tmp_path / "out", "--train_file", str(train_file)))
