@@ -23,11 +23,19 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from layalign_demo import ENCODER_TEXT_PREFIX, prepare_demo_models
+from transformers import AutoTokenizer, TrainerCallback
 
 from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
-from modeling_layalign.data import held_out_lines, load_translation_pairs
-from modeling_layalign.evaluation import alignment_scores, layalign_target_loss
+from modeling_layalign.data import MATH_PROMPT, held_out_lines, load_translation_pairs
+from modeling_layalign.evaluation import (
+    LADDER_LANGUAGES,
+    alignment_scores,
+    answer_ladder,
+    layalign_target_loss,
+    llm_rungs,
+    load_mgsm_with_answers,
+)
 from modeling_layalign.monitoring import mapping_statistics
 
 import train_layalign
@@ -39,6 +47,10 @@ SYSTEMS = {
     "last_layer": ["--fused_encoder_layers", "12"],  # multilingual-e5-small has 12 layers; hidden state 12 is its output
 }
 HELD_OUT = 100  # the demo preset's held-out block: lines 750-849 of every language, in no training run
+REPOSITORY = Path(__file__).resolve().parent.parent
+SHIPPED_STAGE_ONE = REPOSITORY / "checkpoints" / "demo-stage1"
+STAGE_TWO_SYSTEMS = ("layalign", "mindmerger")
+STAGE_TWO_INPUT_MAPPING = ("input_mapping.", "boundary.")
 
 
 def held_out_pairs(language: str, count: int) -> tuple[list[str], list[str]]:
@@ -99,6 +111,126 @@ def train_system(name: str, args: argparse.Namespace) -> Path:
     return folder
 
 
+def stage_two_start(name: str, folder: Path, stage_one: Path = SHIPPED_STAGE_ONE, bases: tuple | None = None) -> Path:
+    """The folder stage 2 of system `name` starts from (`--init_from`): the stage-1 checkpoint `stage_one` with a
+    processor for the math task. `mindmerger` keeps its input mapping and boundary and drops the fusion and gates, so
+    both systems start from the same input mapping. `bases` (encoder, LLM folders) default to the demo models."""
+    encoder_dir, llm_dir = (str(path) for path in (bases or prepare_demo_models()))
+    model = LayAlignForCausalLM.from_pretrained(stage_one, encoder_name_or_path=encoder_dir, llm_name_or_path=llm_dir)
+    if name == "mindmerger":
+        model.config.use_layer_fusion = False
+        weights = {key: value for key, value in model.state_dict().items() if key.startswith(STAGE_TWO_INPUT_MAPPING)}
+        model = LayAlignForCausalLM(model.config, encoder=model.encoder, llm=model.llm)
+        model.load_layalign_state_dict(weights)
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    processor = LayAlignProcessor(
+        tokenizer=tokenizer,
+        encoder_tokenizer=AutoTokenizer.from_pretrained(encoder_dir),
+        encoder_text_prefix=ENCODER_TEXT_PREFIX,
+        prompt_template=MATH_PROMPT,
+    )
+    start = folder / "start"
+    model.save_pretrained(start)
+    processor.save_pretrained(start)
+    return start
+
+
+def train_stage_two(name: str, args: argparse.Namespace) -> Path:
+    """Stage 2 of one system from the shipped stage 1, saving a checkpoint every `--eval_every` steps (the curve is
+    measured on those afterwards, by `--ladder`)."""
+    folder = Path(args.output_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    start = stage_two_start(name, folder, Path(args.stage_one), args.bases)
+    train_layalign.main(
+        ["--preset", "demo", "--stage", "2", "--init_from", str(start), "--output_dir", str(folder),
+         "--max_steps", str(args.max_steps), "--per_device_train_batch_size", str(args.batch_size),
+         "--max_train_examples", str(args.max_steps * args.batch_size), "--max_length", str(args.max_length),
+         "--max_source_length", str(args.max_source_length), "--logging_steps", "10", "--save_strategy", "steps",
+         "--save_steps", str(args.eval_every), "--disable_tqdm", "True", *args.train_args]
+    )  # fmt: skip
+    return folder
+
+
+def stage_two_checkpoints(folder: Path) -> dict[int, Path]:
+    """Step -> checkpoint of a stage-2 run: its start (step 0), the Trainer's `checkpoint-N` folders, the final model."""
+    checkpoints = {0: folder / "start"}
+    checkpoints.update({int(path.name.split("-")[1]): path for path in folder.glob("checkpoint-*")})
+    state = json.loads((folder / "trainer_state.json").read_text())
+    checkpoints[state["global_step"]] = folder
+    return dict(sorted(checkpoints.items()))
+
+
+def load_for_ladder(folder: Path, bases: tuple | None) -> tuple[LayAlignForCausalLM, LayAlignProcessor]:
+    """A checkpoint and its processor, set to cut neither a source nor an answer."""
+    encoder_dir, llm_dir = (str(path) for path in (bases or prepare_demo_models()))
+    model = LayAlignForCausalLM.from_pretrained(folder, encoder_name_or_path=encoder_dir, llm_name_or_path=llm_dir)
+    processor = LayAlignProcessor.from_pretrained(folder)
+    processor.max_source_length, processor.max_length = 512, 4096
+    return model, processor
+
+
+def ladder_system(name: str, args: argparse.Namespace) -> dict:
+    """The answer ladder of one trained stage-2 system on `--ladder_questions` MGSM questions per language, and its
+    curve (share closed and gap per language at every saved checkpoint, on `--curve_questions`), to `ladder.json`."""
+    folder = Path(args.output_dir) / name
+    examples = load_mgsm_with_answers(args.ladder_languages, limit=args.ladder_questions)
+    curve_examples = load_mgsm_with_answers(args.curve_languages, limit=args.curve_questions)
+    model, processor = load_for_ladder(folder, args.bases)
+    llm_losses = llm_rungs(model.llm, processor.tokenizer, examples)
+    curve_llm_losses = llm_rungs(model.llm, processor.tokenizer, curve_examples)
+    results = {
+        "questions": args.ladder_questions,
+        "llm_alone": {language: dict(zip(("english", "llm"), losses)) for language, losses in llm_losses.items()},
+        "final": {language: rung.to_dict() for language, rung in answer_ladder(model, processor, examples, llm_losses).items()},
+        "curve_questions": args.curve_questions,
+        "curve": [],
+    }
+    for step, checkpoint in stage_two_checkpoints(folder).items():
+        if step % args.curve_every and checkpoint != folder:
+            continue
+        model, processor = load_for_ladder(checkpoint, args.bases)
+        ladder = answer_ladder(model, processor, curve_examples, curve_llm_losses)
+        results["curve"].append({"step": step, **{language: rung.to_dict() for language, rung in ladder.items()}})
+        (folder / "ladder.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def ladder_report(output_dir: Path, languages: list[str], curve_languages: list[str]) -> None:
+    """Prints the ladder table (LLM alone, then each system) and the share-closed curve of every laddered system."""
+    systems = {name: json.loads(path.read_text()) for name in STAGE_TWO_SYSTEMS if (path := output_dir / name / "ladder.json").is_file()}
+    if not systems:
+        return
+    print("\nAnswer loss per token on MGSM questions with GSM8K's English chains of thought: (a) LLM alone, English "
+          "question; (b) LLM alone, question in L; (c) the system, question in L as source and prompt; (d) the same "
+          "with another question's source; gap d - c; share closed (b - c) / (b - a); a source-blind share (b - d) / (b - a)")
+    print("| system | lang | a: LLM, English | b: LLM, in L | c: real source | d: shuffled source | gap d - c | share closed | share, shuffled |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    alone = next(iter(systems.values()))["llm_alone"]
+    for language in languages:
+        print(f"| LLM alone | {language} | {alone[language]['english']:.3f} | {alone[language]['llm']:.3f} | - | - | - | 0% | - |")
+    for name, results in systems.items():
+        for language in languages:
+            row = results["final"][language]
+            print(
+                f"| {name} | {language} | {row['english']:.3f} | {row['llm']:.3f} | {row['layalign']:.3f} | "
+                f"{row['shuffled']:.3f} | {row['gap']:+.3f} | {row['share_closed']:.0%} | {row['share_closed_shuffled']:.0%} |"
+            )
+    print("\nShare of the language gap closed (mean over " + ", ".join(curve_languages) + ") and gap d - c, against steps")
+    print("| step | " + " | ".join(f"{name}: share | {name}: gap" for name in systems) + " |")
+    print("|---|" + "---|---|" * len(systems))
+    curves = {name: {point["step"]: point for point in results["curve"]} for name, results in systems.items()}
+    for step in sorted({step for curve in curves.values() for step in curve}):
+        cells = []
+        for curve in curves.values():
+            point = curve.get(step)
+            share = point and sum(point[language]["share_closed"] for language in curve_languages) / len(curve_languages)
+            gap = point and sum(point[language]["gap"] for language in curve_languages) / len(curve_languages)
+            cells += ["", ""] if point is None else [f"{share:.0%}", f"{gap:+.3f}"]
+        print(f"| {step} | " + " | ".join(cells) + " |")
+
+
 def evaluate_system(folder: Path, args: argparse.Namespace) -> dict:
     """Final scores of a trained system on `--eval_pairs` held-out pairs per language, written to `results.json`."""
     model = LayAlignForCausalLM.from_pretrained(folder)
@@ -148,21 +280,40 @@ def report(output_dir: Path, languages: list[str]) -> None:
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/study")
+    parser.add_argument("--stage", type=int, choices=(1, 2), default=1, help="2: the task stage, from the shipped stage 1.")
     parser.add_argument("--systems", nargs="+", choices=sorted(SYSTEMS), default=list(SYSTEMS))
     parser.add_argument("--max_steps", type=int, default=400)
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_length", type=int, default=320, help="Stage 2: longest LLM text (prompt and answer).")
+    parser.add_argument("--max_source_length", type=int, default=128, help="Stage 2: longest source, encoder tokens.")
     parser.add_argument("--eval_every", type=int, default=50)
     parser.add_argument("--curve_pairs", type=int, default=16, help="Held-out pairs per language for each curve point.")
     parser.add_argument("--eval_pairs", type=int, default=64, help="Held-out pairs per language for the final scores.")
     parser.add_argument("--generations", type=int, default=16, help="Greedy reconstructions per language.")
     parser.add_argument("--languages", nargs="+", default=["ja", "zh", "ru"])
     parser.add_argument("--report", action="store_true", help="Only print the tables of finished systems.")
+    parser.add_argument("--stage_one", default=str(SHIPPED_STAGE_ONE), help="Stage 2: the stage-1 checkpoint to start from.")
+    parser.add_argument("--ladder", action="store_true", help="Stage 2: measure the answer ladder of trained systems.")
+    parser.add_argument("--ladder_languages", nargs="+", default=list(LADDER_LANGUAGES))
+    parser.add_argument("--ladder_questions", type=int, default=16, help="MGSM questions per language for the ladder.")
+    parser.add_argument("--curve_languages", nargs="+", default=["sw", "bn", "th", "te", "ja", "zh", "ru"])
+    parser.add_argument("--curve_questions", type=int, default=8, help="MGSM questions per language per curve point.")
+    parser.add_argument("--curve_every", type=int, default=40, help="Stage 2: steps between curve points.")
     parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="Passed on to train_layalign.py.")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_arguments()
+    args.bases = None
+    if args.stage == 2:
+        for name in args.systems:
+            if args.ladder:
+                ladder_system(name, args)
+            elif not args.report:
+                train_stage_two(name, args)
+        ladder_report(Path(args.output_dir), args.ladder_languages, args.curve_languages)
+        return
     if not args.report:
         for name in args.systems:
             evaluate_system(train_system(name, args), args)

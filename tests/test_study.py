@@ -5,6 +5,9 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
+import pytest
+import torch
+
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY / "examples"))
@@ -42,3 +45,31 @@ def test_held_out_pairs_are_lines_no_training_run_reads():
 
     training = load_translation_pairs(["ja"], exclude_lines=held_out_lines(study.HELD_OUT))
     assert not set(sources) & set(training["source"])
+
+
+def test_stage_two_trains_both_systems_from_one_stage_one_and_reports_the_ladder(
+    tiny_base_folders, tiny_layalign_folder, tmp_path, capsys
+):
+    from safetensors.torch import load_file
+
+    args = Namespace(
+        output_dir=str(tmp_path), stage_one=tiny_layalign_folder, bases=(tiny_base_folders["encoder"], tiny_base_folders["llm"]),
+        max_steps=2, batch_size=2, eval_every=1, max_length=64, max_source_length=32, ladder_languages=["sw", "te"],
+        ladder_questions=3, curve_languages=["te"], curve_questions=2, curve_every=1,
+        train_args=["--bf16", "False", "--max_train_examples", "4"],
+    )  # fmt: skip
+    for name in study.STAGE_TWO_SYSTEMS:
+        study.train_stage_two(name, args)
+    stage_one = load_file(Path(tiny_layalign_folder) / "model.safetensors")
+    start = load_file(tmp_path / "mindmerger" / "start" / "model.safetensors")
+    assert start.keys() == {key for key in stage_one if key.startswith(study.STAGE_TWO_INPUT_MAPPING)}
+    assert all(torch.equal(start[key], stage_one[key]) for key in start)
+    assert list(study.stage_two_checkpoints(tmp_path / "layalign")) == [0, 1, 2]
+    for name in study.STAGE_TWO_SYSTEMS:
+        results = study.ladder_system(name, args)
+        assert [point["step"] for point in results["curve"]] == [0, 1, 2]
+        row = results["final"]["sw"]
+        assert row["share_closed"] == pytest.approx((row["llm"] - row["layalign"]) / (row["llm"] - row["english"]))
+    study.ladder_report(tmp_path, ["sw", "te"], ["te"])
+    printed = capsys.readouterr().out
+    assert "| LLM alone | te |" in printed and "| mindmerger | sw |" in printed and "| 2 | " in printed
