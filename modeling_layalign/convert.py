@@ -31,6 +31,7 @@ from .reference_checkpoint import (
     check_layout,
     converted_tensors,
     load_reference_state_dict,
+    resolve_weight_files,
     sort_reference_keys,
 )
 
@@ -181,13 +182,17 @@ def convert_reference_checkpoint(
     naming the base when the checkpoint's copy of a base differs from the named one; nothing is written then.
     """
     encoder, llm, output_dir = os.fspath(encoder), os.fspath(llm), Path(output_dir)
-    checkpoint = sort_reference_keys(load_reference_state_dict(source))
+    if not dtype.is_floating_point:
+        raise ValueError(f"`dtype` must be a floating-point dtype (float32, bfloat16, float16), got {dtype}.")
+    weight_files = resolve_weight_files(source)
+    check_output_dir(output_dir, weight_files)
+    encoder_config, llm_config = load_base_config(encoder, "--encoder"), load_base_config(llm, "--llm")
+    checkpoint = sort_reference_keys(load_reference_state_dict(weight_files))
     logger.info(
         f"{source}: {len(checkpoint.layalign) + len(checkpoint.gates)} LayAlign weights, "
         f"{len(checkpoint.encoder_weights) + len(checkpoint.llm_weights)} base weights (not converted), "
         f"outer prefix {checkpoint.root!r}."
     )
-    encoder_config, llm_config = AutoConfig.from_pretrained(encoder), AutoConfig.from_pretrained(llm)
     config_kwargs = check_layout(checkpoint, encoder_config, llm_config, fused_encoder_layers)
 
     base_kwargs = {} if base_dtype is None else {"dtype": base_dtype}
@@ -206,6 +211,31 @@ def convert_reference_checkpoint(
     return output_dir
 
 
+def check_output_dir(output_dir: Path, weight_files: list[Path]) -> None:
+    """Refuses, before anything is read or moved, an OUTPUT_DIR that is a file or that holds the source's files (a
+    save replaces the weight files it finds there)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"OUTPUT_DIR {os.fspath(output_dir)!r} is a file: pass a folder for the converted checkpoint.")
+    inside = [path for path in weight_files if path.resolve().is_relative_to(output_dir.resolve())]
+    if inside:
+        raise ValueError(
+            f"OUTPUT_DIR {os.fspath(output_dir)!r} holds the checkpoint being converted ({os.fspath(inside[0])}), "
+            "which saving there would replace: pass another folder."
+        )
+
+
+def load_base_config(name: str, flag: str):
+    """The config of the base named by `flag`, or an `OSError` naming the flag and what to pass."""
+    looks_local = os.path.isabs(name) or name.startswith((".", "~"))
+    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+        raise OSError(f"{flag} {name!r} is not a folder on this machine: pass the folder or Hub id of that base.")
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(f"{flag} {name!r} cannot be loaded ({reason}): pass the folder or Hub id of that base.") from error
+
+
 def _describe_config(config: LayAlignConfig) -> str:
     if not config.use_layer_fusion:
         return "MindMerger: input mapping only"
@@ -222,8 +252,8 @@ def _parse_dtype(name: str) -> torch.dtype | str:
     if name == "auto":
         return name
     dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise argparse.ArgumentTypeError(f"not a torch dtype: {name!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a floating-point torch dtype (pass float32, bfloat16 or float16)")
     return dtype
 
 

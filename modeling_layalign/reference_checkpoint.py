@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from transformers.utils import logging
 
 from .configuration_layalign import LayAlignConfig
@@ -63,6 +65,7 @@ WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 # What a Hub download fetches: the pickled weights and their index, nothing else of a training run.
 HUB_ALLOW_PATTERNS = ["*.bin", "*.bin.index.json", "*.pt", "*.pth"]
 HUB_IGNORE_PATTERNS = ["training_args.bin", "optimizer*", "scheduler*", "rng_state*", "scaler*"]
+WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
 NOT_WEIGHTS = re.compile(r"^(training_args|optimizer|scheduler|rng_state|scaler)")
 
 # Reference name (relative to the LayAlign module) -> this package's name.
@@ -128,7 +131,7 @@ def resolve_weight_files(source: str | os.PathLike) -> list[Path]:
     """The pickled weight files of `source`: a file, a folder, or a Hub id (downloaded with `snapshot_download`).
 
     A folder gives the shards listed in `pytorch_model.bin.index.json` when it has one, else `pytorch_model.bin`,
-    else its only `.bin` / `.pt` / `.pth` file that is no training-state file (optimizer, scheduler, ...).
+    else its only `.bin` / `.pt` / `.pth` / `.safetensors` file that is no training-state file (optimizer, ...).
     """
     path = Path(source).expanduser()
     if path.is_file():
@@ -140,15 +143,12 @@ def resolve_weight_files(source: str | os.PathLike) -> list[Path]:
         indexes = sorted(path.glob("*.bin.index.json"))
         index = indexes[0] if len(indexes) == 1 else index
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index} has no `weight_map`; it is not a sharded PyTorch checkpoint index.")
-        return [path / name for name in sorted(set(weight_map.values()))]
+        return _shards_of(index)
     if (path / WEIGHTS_NAME).is_file():
         return [path / WEIGHTS_NAME]
     candidates = sorted(
         item for item in path.iterdir()
-        if item.is_file() and item.suffix in (".bin", ".pt", ".pth") and not NOT_WEIGHTS.match(item.name)
+        if item.is_file() and item.suffix in WEIGHT_SUFFIXES and not NOT_WEIGHTS.match(item.name)
     )  # fmt: skip
     if len(candidates) != 1:
         found = ", ".join(item.name for item in candidates) or "none"
@@ -156,6 +156,22 @@ def resolve_weight_files(source: str | os.PathLike) -> list[Path]:
             f"Cannot tell which file of {path} holds the weights (candidates: {found}); pass the file itself."
         )
     return candidates
+
+
+def _shards_of(index: Path) -> list[Path]:
+    """The shard files that a `pytorch_model.bin.index.json` names, all inside its folder."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise ValueError(f"{index} is not a valid shard index (JSON with a `weight_map`): {error}") from error
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} has no `weight_map`; it is not a sharded PyTorch checkpoint index.")
+    folder = index.parent.resolve()
+    shards = [index.parent / name for name in sorted(set(map(str, weight_map.values())))]
+    outside = [os.fspath(shard) for shard in shards if not shard.resolve().is_relative_to(folder)]
+    if outside:
+        raise ValueError(f"{index} names shards outside its folder ({', '.join(outside)}); shards must sit beside it.")
+    return shards
 
 
 def _download_from_hub(repo_id: str) -> Path:
@@ -179,15 +195,24 @@ def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
     MindMerger's legacy (non-zip) files, a few MB of mapping weights, are read into memory. A
     `{"model_state_dict": {...}}` wrapper (MindMerger's `save_model`) is unwrapped.
     """
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty: it is not a checkpoint (an interrupted copy or download?).")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
     mmap = zipfile.is_zipfile(path)
     if not mmap:
-        logger.info(f"{path} is in torch's legacy (non-zip) format: reading it into memory.")
+        logger.info(f"{path} is not a zip file: reading it as torch's legacy (non-zip) format, into memory.")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise ValueError(
             f"{path} holds a pickled object that is not a tensor, which `torch.load(weights_only=True)` refuses "
             f"(loading it would run code from the file). Only state dicts of tensors convert. torch said: {error}"
+        ) from error
+    except Exception as error:  # on a file that is no checkpoint, torch.load fails with many types (EOF, Key, Index...)
+        raise ValueError(
+            f"{path} cannot be read as a PyTorch checkpoint (`torch.load` failed: {type(error).__name__}: {error}): it "
+            "may be truncated by an interrupted copy or download, or not be a `pytorch_model.bin` at all."
         ) from error
     if isinstance(loaded, dict) and set(loaded) == {"model_state_dict"}:
         loaded = loaded["model_state_dict"]
@@ -201,10 +226,23 @@ def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def load_reference_state_dict(source: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of a reference checkpoint (a file, a folder or a Hub id), shards merged, memory-mapped."""
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A reference checkpoint saved with `safe_serialization=True` (`accelerator.save_model`'s default)."""
+    logger.info(f"{path} is a safetensors file.")
+    try:
+        return load_file(path)
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path} cannot be read as a safetensors file ({error}): it may be truncated by an interrupted copy or "
+            "download."
+        ) from error
+
+
+def load_reference_state_dict(source: str | os.PathLike | list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of a reference checkpoint (a file, a folder, a Hub id, or its [`resolve_weight_files`]), shards
+    merged, memory-mapped."""
     state_dict: dict[str, torch.Tensor] = {}
-    for path in resolve_weight_files(source):
+    for path in source if isinstance(source, list) else resolve_weight_files(source):
         shard = load_weight_file(path)
         repeated = sorted(set(shard) & set(state_dict))
         if repeated:

@@ -206,3 +206,102 @@ def test_unknown_missing_and_misshaped_keys_are_named(tmp_path):
     assert re.search(r"missing keys.*'mapping\.end_boundary'", message)
     assert re.search(r"mis-shaped keys.*`mapping\.mlp\.linear2\.bias` has shape \(7,\), expected \(32,\)", message)
     assert not (tmp_path / "converted").exists()
+
+
+def test_an_output_that_is_the_source_file_is_refused_untouched(tmp_path):
+    model, encoder, llm = source_model(tmp_path)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(reference_state_dict(model), path)
+    content = path.read_bytes()
+    for output in (path, tmp_path):
+        with pytest.raises(SystemExit, match="OUTPUT_DIR .* (is a file|holds the checkpoint being converted)"):
+            main([str(path), str(output), "--encoder", encoder, "--llm", llm])
+    assert path.read_bytes() == content
+    assert not [item for item in tmp_path.iterdir() if item.name.startswith(".")]
+
+
+def test_converting_over_an_old_checkpoint_leaves_none_of_its_processor(tmp_path, tiny_base_folders):
+    from transformers import AutoTokenizer
+
+    model, encoder, llm = source_model(tmp_path, tiny_base_folders["encoder"], tiny_base_folders["llm"])
+    output = tmp_path / "converted"
+    model.save_pretrained(output)
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    tokenizer.chat_template = "{{ 'old template' }}"
+    LayAlignProcessor(
+        tokenizer=tokenizer, encoder_tokenizer=AutoTokenizer.from_pretrained(encoder), prompt_template="old {query}"
+    ).save_pretrained(output)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(reference_state_dict(model), path)
+
+    convert_reference_checkpoint(path, output, encoder=encoder, llm=llm)
+
+    assert not (output / "chat_template.jinja").exists()
+    assert AutoTokenizer.from_pretrained(output).chat_template is None
+    assert LayAlignProcessor.from_pretrained(output).prompt_template is None
+
+
+def test_a_safetensors_source_converts(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    model, encoder, llm = source_model(tmp_path)
+    path = tmp_path / "model.safetensors"
+    save_file(reference_state_dict(model, dtype=torch.float32), path)
+    with caplog.at_level("INFO"):
+        output = convert_reference_checkpoint(path, tmp_path / "converted", encoder=encoder, llm=llm)
+    assert "legacy" not in caplog.text
+    assert_same_outputs(LayAlignForCausalLM.from_pretrained(output), model)
+
+
+def _index(folder: Path, text: str) -> Path:
+    folder.mkdir()
+    (folder / "pytorch_model.bin.index.json").write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("empty", r"pytorch_model.bin is empty"),
+        ("truncated", r"pytorch_model.bin cannot be read as a PyTorch checkpoint .* truncated"),
+        ("text", r"pytorch_model.bin cannot be read as a PyTorch checkpoint"),
+        ("bad_index", r"pytorch_model.bin.index.json is not a valid shard index"),
+        ("escaping_index", r"names shards outside its folder \(.*\.\./x\.bin\)"),
+    ],
+)
+def test_unreadable_sources_are_named(tmp_path, kind, message):
+    model, encoder, llm = source_model(tmp_path)
+    path = tmp_path / "pytorch_model.bin"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        torch.save(reference_state_dict(model), path)
+        path.write_bytes(path.read_bytes()[:3000])
+    elif kind == "text":
+        path.write_text("these are my notes, not a checkpoint\n")
+    elif kind == "bad_index":
+        path = _index(tmp_path / "sharded", "{not json")
+    else:
+        torch.save(reference_state_dict(model), tmp_path / "x.bin")
+        path = _index(tmp_path / "sharded", json.dumps({"weight_map": {"a": "../x.bin"}}))
+    with pytest.raises(SystemExit, match=message):
+        main([str(path), str(tmp_path / "converted"), "--encoder", encoder, "--llm", llm])
+    assert not (tmp_path / "converted").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--llm", "./missing"), ("--encoder", "/missing"), ("--llm", "nobody/no-such-llm")])
+def test_a_base_that_cannot_be_found_names_its_flag(tmp_path, flag, value):
+    model, encoder, llm = source_model(tmp_path)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(reference_state_dict(model), path)
+    arguments = {"--encoder": encoder, "--llm": llm, flag: value}
+    with pytest.raises(SystemExit, match=rf"{flag} '{re.escape(value)}' (is not a folder|cannot be loaded)"):
+        main([str(path), str(tmp_path / "converted"), *(item for pair in arguments.items() for item in pair)])
+
+
+def test_a_dtype_that_is_not_floating_point_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["source", str(tmp_path / "converted"), "--dtype", "int8"])
+    assert "--dtype: 'int8' is not a floating-point torch dtype" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="`dtype` must be a floating-point dtype"):
+        convert_reference_checkpoint("source", tmp_path / "converted", dtype=torch.int8)
