@@ -9,6 +9,8 @@ returns `[{"generated_text": answer}]`. The input is the source text (a question
 the checkpoint's `LayAlignProcessor` puts it through its prompt template (the paper's math prompt for a stage-2
 model; no prompt for a stage-1 model, which then reconstructs the English sentence). Generation keyword arguments
 (`max_new_tokens`, `num_beams`, `do_sample`, ...) pass through to `generate`; `batch_size` batches several inputs.
+`return_full_text=True` puts the text prompt in front of each answer, as the stock text-generation pipeline does; it
+defaults to `False` here, since the LLM's text prompt is the processor's template rather than the input itself.
 """
 
 from transformers import GenerationConfig, Pipeline
@@ -42,8 +44,15 @@ class LayAlignTextGenerationPipeline(Pipeline):
     _pipeline_calls_generate = True
     _default_generation_config = GenerationConfig(max_new_tokens=256)
 
-    def _sanitize_parameters(self, **generate_kwargs):
-        return {}, generate_kwargs, {}
+    def __call__(self, inputs, **kwargs):
+        """`inputs`: a source text or a list of them; an empty list gives an empty list."""
+        if isinstance(inputs, list) and not inputs:
+            return []
+        return super().__call__(inputs, **kwargs)
+
+    def _sanitize_parameters(self, return_full_text: bool | None = None, **generate_kwargs):
+        postprocess_params = {} if return_full_text is None else {"return_full_text": return_full_text}
+        return {}, generate_kwargs, postprocess_params
 
     def preprocess(self, source: str) -> dict:
         if not isinstance(source, str):
@@ -65,11 +74,17 @@ class LayAlignTextGenerationPipeline(Pipeline):
         # `generate` returns each source's `num_return_sequences` rows one after another; one list per source keeps
         # them together when the pipeline splits a batch back into its inputs.
         per_source = len(texts) // len(sources)
-        return {"generated_text": [texts[start : start + per_source] for start in range(0, len(texts), per_source)]}
+        template = self.processor.prompt_template
+        return {
+            "generated_text": [texts[start : start + per_source] for start in range(0, len(texts), per_source)],
+            "prompt_text": [template.format(query=source) if template else source for source in sources],
+        }
 
-    def postprocess(self, model_outputs: dict) -> list[dict[str, str]]:
-        """One input's texts (a list, or a list holding that list when the input was not batched)."""
-        texts = model_outputs["generated_text"]
+    def postprocess(self, model_outputs: dict, return_full_text: bool = False) -> list[dict[str, str]]:
+        """One input's texts (a list, or a list holding that list when the input was not batched); with
+        `return_full_text`, each after the text prompt the LLM read (the source itself when there is no template)."""
+        texts, prompt = model_outputs["generated_text"], model_outputs["prompt_text"]
         if texts and isinstance(texts[0], list):
             (texts,) = texts
-        return [{"generated_text": text} for text in texts]
+            (prompt,) = prompt
+        return [{"generated_text": f"{prompt} {text}" if return_full_text else text} for text in texts]

@@ -24,7 +24,10 @@ CLEAN_PROCESS = textwrap.dedent(
     beam_settings = dict(max_new_tokens=5, num_beams=2, num_return_sequences=2)
     beams = [pipe(source, **beam_settings) for source in sources]
     batched_beams = pipe(sources, batch_size=2, **beam_settings)
-    print(json.dumps({"class": type(pipe).__name__, "one": one, "batched": batched, "beams": beams, "batched_beams": batched_beams}))
+    full = pipe(sources, batch_size=2, max_new_tokens=5, return_full_text=True)
+    full_one = pipe(sources[0], max_new_tokens=5, return_full_text=True)
+    print(json.dumps({"class": type(pipe).__name__, "one": one, "batched": batched, "beams": beams,
+                      "batched_beams": batched_beams, "full": full, "full_one": full_one, "empty": pipe([])}))
     """
 )
 
@@ -50,3 +53,7 @@ def test_pipeline_answers_raw_text_in_a_clean_process(tiny_layalign_folder, tmp_
         assert len(beams) == 2 and all(isinstance(item["generated_text"], str) for item in beams)
     # Several sequences per source stay with their source when sources are batched.
     assert output["batched_beams"] == output["beams"]
+    # `return_full_text` as the stock pipeline has it: the text prompt, then the answer; no input, no output.
+    assert output["full"] == [[{"generated_text": f"{prompt} {text}"}] for prompt, text in zip(prompts, expected)]
+    assert output["full_one"] == output["full"][0]
+    assert output["empty"] == []
