@@ -21,6 +21,18 @@ from .processing_layalign import IGNORE_INDEX, LayAlignProcessor, pad_sequences
 
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+METRICS_DIR = Path(__file__).resolve().parent.parent / "metrics"
+
+
+def load_metric(name: str):
+    """One of the repository's local `evaluate` metrics (`metrics/<name>/<name>.py`: `last_number_accuracy`,
+    `choice_accuracy`, `label_accuracy`, `chrf`), read offline by `evaluate.load` (the `eval` extra)."""
+    import evaluate
+
+    path = METRICS_DIR / name
+    if not (path / f"{name}.py").is_file():
+        raise ValueError(f"No local metric {name!r} in {METRICS_DIR}; there are {sorted(p.name for p in METRICS_DIR.iterdir())}.")
+    return evaluate.load(str(path))
 
 
 def extract_last_number(text: str) -> float | None:
@@ -333,6 +345,7 @@ class Benchmark:
             the encoder and the prompt read) and `answer`.
         prompt_template: the LLM prompt around the query, with a `{query}` field.
         is_correct: `(prediction, gold) -> bool`.
+        metric: the local `evaluate` metric (see [`load_metric`]) that scores the same way, for each language's accuracy.
         default_max_new_tokens: enough for the expected answer (a chain of thought, or one letter or word).
     """
 
@@ -343,6 +356,7 @@ class Benchmark:
     prompt_template: str
     is_correct: Callable[[str, str], bool]
     default_max_new_tokens: int
+    metric: str
 
 
 def _select(dataset: Dataset, limit: int | None) -> Dataset:
@@ -404,19 +418,19 @@ def load_xnli(data_dir, languages, limit=None) -> Dataset:
 BENCHMARKS: dict[str, Benchmark] = {
     "mgsm": Benchmark(
         "MGSM", ("bn", "th", "sw", "ja", "zh", "de", "fr", "ru", "es", "en", "te"), ("bn", "th", "sw"),
-        load_mgsm_benchmark, MATH_PROMPT, is_correct_number, 512,
+        load_mgsm_benchmark, MATH_PROMPT, is_correct_number, 512, "last_number_accuracy",
     ),
     "msvamp": Benchmark(
         "MSVAMP", ("bn", "th", "sw", "ja", "zh", "de", "fr", "ru", "es", "en"), ("bn", "th", "sw"),
-        load_msvamp, MATH_PROMPT, is_correct_number, 512,
+        load_msvamp, MATH_PROMPT, is_correct_number, 512, "last_number_accuracy",
     ),
     "xcsqa": Benchmark(
         "X-CSQA", ("sw", "ur", "hi", "ar", "vi", "ja", "pl", "zh", "nl", "ru", "it", "de", "pt", "fr", "es", "en"),
-        ("sw", "ur", "hi"), load_xcsqa, "{query}\nAnswer:", is_correct_choice, 8,
+        ("sw", "ur", "hi"), load_xcsqa, "{query}\nAnswer:", is_correct_choice, 8, "choice_accuracy",
     ),
     "xnli": Benchmark(
         "XNLI", ("sw", "ur", "hi", "th", "ar", "tr", "el", "vi", "zh", "ru", "bg", "de", "fr", "es", "en"),
-        ("sw", "ur", "hi"), load_xnli, "{query}\nLabel:", is_correct_label, 8,
+        ("sw", "ur", "hi"), load_xnli, "{query}\nLabel:", is_correct_label, 8, "label_accuracy",
     ),
 }  # fmt: skip
 MGSM_DEFAULT_LANGUAGES = BENCHMARKS["mgsm"].languages[:-1]  # the paper's table leaves Telugu out unless asked
@@ -440,7 +454,8 @@ def run_benchmark(
 
 
 def score(benchmark: Benchmark, examples: Dataset, outputs: list[str]) -> dict:
-    """Per-example records and per-language accuracy (%) with counts."""
+    """Per-example records and per-language accuracy (%) with counts, the accuracy from the benchmark's `evaluate`
+    metric."""
     records = [
         {
             "language": example["language"],
@@ -452,10 +467,12 @@ def score(benchmark: Benchmark, examples: Dataset, outputs: list[str]) -> dict:
         }
         for example, output in zip(examples, outputs)
     ]
+    metric = load_metric(benchmark.metric)
     per_language = {}
     for language in dict.fromkeys(example["language"] for example in records):
-        hits = [record["correct"] for record in records if record["language"] == language]
-        per_language[language] = {"accuracy": 100 * sum(hits) / len(hits), "n": len(hits)}
+        rows = [record for record in records if record["language"] == language]
+        accuracy = metric.compute(predictions=[row["output"] for row in rows], references=[row["gold"] for row in rows])
+        per_language[language] = {"accuracy": 100 * accuracy["accuracy"], "n": len(rows)}
     return {"benchmark": benchmark.name, "per_language": per_language, "examples": records}
 
 
