@@ -31,10 +31,13 @@ from modeling_layalign.data import (
 )
 from modeling_layalign.evaluation import (
     alignment_scores,
+    answer_ladder,
     is_correct_number,
     layalign_generate,
     llm_generate,
+    llm_rungs,
     llm_target_loss,
+    load_mgsm_with_answers,
 )
 from modeling_layalign.monitoring import mapping_statistics
 
@@ -47,6 +50,8 @@ STAGE_ONE_STEPS = 45
 HELD_OUT = 100  # the demo preset's `held_out`: the last 100 question lines, in no training run
 SHIPPED_STAGE_ONE = REPOSITORY / "checkpoints" / "demo-stage1"
 STAGE_TWO_STEPS = 10
+SHIPPED_STAGE_TWO = REPOSITORY / "checkpoints" / "demo-stage2"
+LADDER_LANGUAGES = ("sw", "bn", "th", "te", "ja", "zh", "ru")
 RELOAD_CHECK = """
 import sys
 sys.modules["modeling_layalign"] = None  # as on a machine without this package
@@ -129,6 +134,23 @@ def mgsm_scores(model: LayAlignForCausalLM, processor: LayAlignProcessor, per_la
     return scores
 
 
+def ladder_rows(models: dict[str, LayAlignForCausalLM], processor, languages, questions: int) -> list[list[str]]:
+    """The answer ladder of each stage-2 model on the first `questions` MGSM questions per language: mean loss per
+    answer token of GSM8K's English chain of thought, for the LLM alone with the English question (a) and with the
+    question in L (b), and for the model with the question in L as source (c) and with another question's (d)."""
+    examples = load_mgsm_with_answers(languages, limit=questions)
+    any_model = next(iter(models.values()))
+    llm_losses = llm_rungs(any_model.llm, processor.tokenizer, examples)
+    rows = []
+    for name, model in models.items():
+        for language, rung in answer_ladder(model, processor, examples, llm_losses).items():
+            rows.append(
+                [name, language, f"{rung.english:.3f}", f"{rung.llm:.3f}", f"{rung.layalign:.3f}", f"{rung.shuffled:.3f}",
+                 f"{rung.gap:+.3f}", f"{rung.share_closed:.0%}"]
+            )  # fmt: skip
+    return rows
+
+
 def print_table(title: str, header: list[str], rows: list[list]) -> None:
     print(f"\n{title}")
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
@@ -202,12 +224,32 @@ def main() -> None:
 
     model = LayAlignForCausalLM.from_pretrained(output / "stage2")
     processor = LayAlignProcessor.from_pretrained(output / "stage2")
-    processor.max_source_length = 128
+    with phase("evaluate stage 2: the answer ladder on MGSM questions"):
+        processor.max_source_length, processor.max_length = 512, 4096  # neither a source nor an answer is cut
+        stage_two = {"trained now": model}
+        if SHIPPED_STAGE_TWO.is_dir():
+            stage_two["shipped"] = LayAlignForCausalLM.from_pretrained(
+                SHIPPED_STAGE_TWO, encoder_name_or_path=encoder_dir, llm_name_or_path=llm_dir
+            )
+        questions = scaled(4)
+        ladder = ladder_rows(stage_two, processor, LADDER_LANGUAGES, questions)
+    print(f"\nSystems: 'trained now' is this run's stage 2 ({scaled(STAGE_TWO_STEPS)} steps of 4); 'shipped' is "
+          f"{SHIPPED_STAGE_TWO.relative_to(REPOSITORY)} (see its README and docs/learning.md).")
+    print_table(
+        f"Stage 2, first {questions} MGSM questions per language with GSM8K's English chains of thought: loss per answer "
+        "token for (a) the LLM alone reading the English question, (b) the LLM alone reading the question in L, "
+        "(c) LayAlign with the question in L as source and in the prompt, (d) the same with another question's "
+        "source; gap d - c (> 0: the source is read); share of the language gap closed, (b - c) / (b - a)",
+        ["system", "lang", "a", "b", "c", "d", "gap", "share closed"],
+        ladder,
+    )
+    processor.max_source_length, processor.max_length = 128, 512
     with phase("evaluate MGSM (a slice)"):
         per_language = scaled(2)
         scores = mgsm_scores(model, processor, per_language)
     print_table(
-        f"MGSM, first {per_language} problems per language, accuracy %",
+        f"MGSM accuracy %, first {per_language} problems per language, 64 new tokens: a smoke test of generation (a "
+        "135M LLM does not solve grade-school math; the ladder above is the measure at this scale)",
         ["system", "Avg", "Lrl", "Hrl", *MGSM_COLUMNS],
         mgsm_rows(scores),
     )
