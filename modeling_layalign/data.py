@@ -194,9 +194,10 @@ def check_training_file(path: str | os.PathLike) -> None:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}, line {number}: not valid JSON ({error}); it must hold {expected}.") from error
-            missing = [key for key in ("source", "target") if not isinstance(row, dict) or not isinstance(row.get(key), str)]
+            row = row if isinstance(row, dict) else {}
+            missing = ", ".join(f"`{key}`" for key in ("source", "target") if not isinstance(row.get(key), str))
             if missing:
-                raise ValueError(f"{path}, line {number}: no string field {', '.join(f'`{key}`' for key in missing)}; {expected}.")
+                raise ValueError(f"{path}, line {number}: no string field {missing}; it must hold {expected}.")
             examples += 1
     if examples == 0:
         raise ValueError(f"{path} holds no training example; it must hold {expected}.")
