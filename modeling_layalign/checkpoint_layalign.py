@@ -15,9 +15,9 @@ import socket
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_utils import load_state_dict
-from safetensors import SafetensorError, safe_open
 from transformers.tokenization_utils_base import (
     ADDED_TOKENS_FILE,
     FULL_TOKENIZER_FILE,
