@@ -153,13 +153,14 @@ def train_stage_two(name: str, args: argparse.Namespace) -> Path:
     return folder
 
 
-def stage_two_checkpoints(folder: Path) -> dict[int, Path]:
-    """Step -> checkpoint of a stage-2 run: its start (step 0), the Trainer's `checkpoint-N` folders, the final model."""
+def stage_two_checkpoints(folder: Path, up_to: int | None = None) -> dict[int, Path]:
+    """Step -> checkpoint of a stage-2 run, up to step `up_to` (default: all): its start (step 0), the Trainer's
+    `checkpoint-N` folders and, once the run has finished, the final model."""
     checkpoints = {0: folder / "start"}
     checkpoints.update({int(path.name.split("-")[1]): path for path in folder.glob("checkpoint-*")})
-    state = json.loads((folder / "trainer_state.json").read_text())
-    checkpoints[state["global_step"]] = folder
-    return dict(sorted(checkpoints.items()))
+    if (state := folder / "trainer_state.json").is_file():
+        checkpoints[json.loads(state.read_text())["global_step"]] = folder
+    return {step: path for step, path in sorted(checkpoints.items()) if up_to is None or step <= up_to}
 
 
 def load_for_ladder(folder: Path, bases: tuple | None) -> tuple[LayAlignForCausalLM, LayAlignProcessor]:
@@ -175,20 +176,24 @@ def ladder_system(name: str, args: argparse.Namespace) -> dict:
     """The answer ladder of one trained stage-2 system on `--ladder_questions` MGSM questions per language, and its
     curve (share closed and gap per language at every saved checkpoint, on `--curve_questions`), to `ladder.json`."""
     folder = Path(args.output_dir) / name
+    checkpoints = stage_two_checkpoints(folder, args.ladder_step)
+    final_step = max(checkpoints)
     examples = load_mgsm_with_answers(args.ladder_languages, limit=args.ladder_questions)
     curve_examples = load_mgsm_with_answers(args.curve_languages, limit=args.curve_questions)
-    model, processor = load_for_ladder(folder, args.bases)
+    model, processor = load_for_ladder(checkpoints[final_step], args.bases)
     llm_losses = llm_rungs(model.llm, processor.tokenizer, examples)
     curve_llm_losses = llm_rungs(model.llm, processor.tokenizer, curve_examples)
     results = {
+        "step": final_step,
+        "checkpoint": str(checkpoints[final_step]),
         "questions": args.ladder_questions,
         "llm_alone": {language: dict(zip(("english", "llm"), losses)) for language, losses in llm_losses.items()},
         "final": {language: rung.to_dict() for language, rung in answer_ladder(model, processor, examples, llm_losses).items()},
         "curve_questions": args.curve_questions,
         "curve": [],
     }
-    for step, checkpoint in stage_two_checkpoints(folder).items():
-        if step % args.curve_every and checkpoint != folder:
+    for step, checkpoint in checkpoints.items():
+        if step % args.curve_every and step != final_step:
             continue
         model, processor = load_for_ladder(checkpoint, args.bases)
         ladder = answer_ladder(model, processor, curve_examples, curve_llm_losses)
@@ -299,6 +304,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--curve_languages", nargs="+", default=["sw", "bn", "th", "te", "ja", "zh", "ru"])
     parser.add_argument("--curve_questions", type=int, default=8, help="MGSM questions per language per curve point.")
     parser.add_argument("--curve_every", type=int, default=40, help="Stage 2: steps between curve points.")
+    parser.add_argument("--ladder_step", type=int, help="Stage 2: measure the checkpoint of this step (default: the end).")
     parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="Passed on to train_layalign.py.")
     return parser.parse_args()
 

@@ -55,7 +55,7 @@ def test_stage_two_trains_both_systems_from_one_stage_one_and_reports_the_ladder
     args = Namespace(
         output_dir=str(tmp_path), stage_one=tiny_layalign_folder, bases=(tiny_base_folders["encoder"], tiny_base_folders["llm"]),
         max_steps=2, batch_size=2, eval_every=1, max_length=64, max_source_length=32, ladder_languages=["sw", "te"],
-        ladder_questions=3, curve_languages=["te"], curve_questions=2, curve_every=1,
+        ladder_questions=3, curve_languages=["te"], curve_questions=2, curve_every=1, ladder_step=None,
         train_args=["--bf16", "False", "--max_train_examples", "4"],
     )  # fmt: skip
     for name in study.STAGE_TWO_SYSTEMS:
@@ -65,6 +65,9 @@ def test_stage_two_trains_both_systems_from_one_stage_one_and_reports_the_ladder
     assert start.keys() == {key for key in stage_one if key.startswith(study.STAGE_TWO_INPUT_MAPPING)}
     assert all(torch.equal(start[key], stage_one[key]) for key in start)
     assert list(study.stage_two_checkpoints(tmp_path / "layalign")) == [0, 1, 2]
+    assert study.stage_two_checkpoints(tmp_path / "layalign", up_to=1) == {
+        0: tmp_path / "layalign" / "start", 1: tmp_path / "layalign" / "checkpoint-1"
+    }
     for name in study.STAGE_TWO_SYSTEMS:
         results = study.ladder_system(name, args)
         assert [point["step"] for point in results["curve"]] == [0, 1, 2]
