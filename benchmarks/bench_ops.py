@@ -16,7 +16,7 @@ What is counted, for LayAlign (gates at 0.1, so the fused branch runs), MindMerg
 same encoder and LLM objects) and the LLM alone:
 
 - training step: forward with labels, then `loss.backward()`, then one AdamW step over the trainable parameters with
-  `foreach=True` (the default on CUDA; the CPU default is a Python loop over the parameters), counted after one
+  `fused=True` (what `Trainer` uses by default with torch >= 2.8: `optim="adamw_torch_fused"`), counted after one
   untimed step so that the optimizer's state exists. Stage-1 layout: batch `train_batch`, `encoder_len` source
   tokens, every one of the `stage1_text_len` text tokens a target. The LLM alone runs forward and backward to its
   input embeddings over a sequence as long as LayAlign's `[BOS, mapped, boundary, text]`, with the text's labels and
@@ -275,7 +275,7 @@ def training_steps(models: Models) -> dict[str, TrainingStep]:
     steps = {}
     for name, model in (("LayAlign", models.layalign), ("MindMerger mode", models.mindmerger)):
         trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-5, foreach=True)
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
 
         def forward(model=model) -> torch.Tensor:
             with autocast():
@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> dict:
         counts[name].update(parts)
     print("every count was taken twice, with the same result; two decoding steps dispatched the same")
 
-    print_counts(counts, total, "ATen operators dispatched (forward and backward; AdamW foreach)")
+    print_counts(counts, total, "ATen operators dispatched (forward and backward; AdamW fused, Trainer's default)")
     print_counts(counts, non_view_total, "of which not views (operators whose output aliases no input)")
     print_counts(
         counts,

@@ -8,7 +8,7 @@ learned gate (Ruan et al. 2025, arXiv 2502.11405, Sec. 3.2, "adaptive fusion-enh
 
 Where we deliberately differ from the reference code: the fused branch masks encoder padding (the reference attends
 over padded encoder tokens too; a source that is all padding adds nothing), the gate scales the fused values once per
-`encode` rather than the branch's output in every layer (the same product, see `project_fused_states`), and the
+projection rather than the branch's output at every step (the same product, see `project_fused_kv`), and the
 branch runs as an attention function registered with transformers' `AttentionInterface` instead of a forked peft that
 stores per-batch encoder states on the attention modules. All per-batch state arrives as the keyword argument
 `layalign_fused`, so beam search, `num_return_sequences`, several models and several threads never interfere.
@@ -38,6 +38,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import Cache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
@@ -84,68 +85,81 @@ class FusedAttentionInputs:
     """What the adapted LLM layers read from the encoder during one forward pass.
 
     It reaches the attention function as the keyword argument `layalign_fused` and is never stored on a module.
+    Each adapted layer projects its own two sources with its own frozen `k_proj` / `v_proj`, inside its own forward:
+    that is where sharded training (FSDP, DeepSpeed ZeRO-3) holds the layer's weights whole, and where the reference
+    code projects too. While decoding, the first pass stores the projections in `cache` and later passes read them
+    there, so they are computed once per `generate`.
 
     Attributes:
-        keys, values: one `(batch, num_kv_heads, encoder_len, head_dim)` tensor per adapted layer, already
-            projected by the layer's frozen `k_proj` / `v_proj` (and k-norm), the values already scaled by the
-            layer's gate. The model unbinds its `fused_kv` into these once per pass: no per-layer indexing at every
-            decoding step, and a backward pass that stacks the layers' gradients once instead of zero-filling a
-            whole-`fused_kv` gradient per layer.
+        sources: the fusion's `2M` outputs, each `(batch * encoder_len, d_llm)` in the LLM's dtype (source `2m` feeds
+            the keys of adapted layer `m`, source `2m + 1` its values); `None` when `cache` already holds the
+            projections.
+        value_scales: `M` tensors `(batch, encoder_len, 1, 1)`, each adapted layer's gate times the encoder mask,
+            applied to the projected values (see [`project_fused_kv`]); `None` when the value sources carry them
+            already, or without `sources`.
+        cache: the fused keys and values of every adapted layer, indexed by slot (the cross-attention half of the
+            model's `EncoderDecoderCache`), or `None` when nothing is cached (training).
         encoder_bias: `(batch, 1, 1, encoder_len)`, 0 on real encoder tokens and the dtype's minimum on padding,
             added to the fused branch's attention scores; built once per pass for every layer.
-        slots: LLM layer index -> position of that layer in `keys` and `values`.
+        slots: LLM layer index -> position of that layer among the adapted layers.
         family: the LLM family's attention details.
     """
 
-    keys: tuple[torch.Tensor, ...]
-    values: tuple[torch.Tensor, ...]
+    sources: tuple[torch.Tensor, ...] | None
+    value_scales: tuple[torch.Tensor, ...] | None
+    cache: Cache | None
     encoder_bias: torch.Tensor
     slots: dict[int, int]
     family: LLMAttentionFamily
 
+    def keys_and_values(self, module: nn.Module, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(keys, values)` of adapted layer `slot`, each `(batch, num_kv_heads, encoder_len, head_dim)`: read from
+        the cache, or projected by `module` (the layer's attention) and stored in the cache if there is one."""
+        if self.sources is None:
+            layer = self.cache.layers[slot]
+            return layer.keys, layer.values
+        value_scale = None if self.value_scales is None else self.value_scales[slot]
+        encoder_shape = (self.encoder_bias.shape[0], self.encoder_bias.shape[-1])
+        keys, values = project_fused_kv(
+            module, self.sources[2 * slot], self.sources[2 * slot + 1], encoder_shape, value_scale, self.family
+        )
+        if self.cache is not None:
+            keys, values = self.cache.update(keys, values, slot)
+        return keys, values
 
-def project_fused_states(
-    fused: torch.Tensor,
-    encoder_mask: torch.Tensor,
-    attention_modules: list[nn.Module],
+
+def project_fused_kv(
+    attention: nn.Module,
+    key_source: torch.Tensor,
+    value_source: torch.Tensor,
+    encoder_shape: tuple[int, int],
+    value_scale: torch.Tensor | None,
     family: LLMAttentionFamily,
-    gates: torch.Tensor,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Projects the fusion's sources with each adapted layer's own frozen k/v maps: the fused keys and values.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projects one adapted layer's two fusion sources with its own frozen k/v maps: its fused keys and values.
 
     Args:
-        fused: `(batch, encoder_len, 2M, d_llm)`; source `2m` feeds the keys of adapted layer `m`, `2m + 1` its values.
-        encoder_mask: `(batch, encoder_len)`, 1 on real encoder tokens.
-        attention_modules: the `M` adapted layers' attention modules, in order.
-        gates: `(M,)`, each adapted layer's gate.
-        dtype: the LLM's dtype, which its frozen projections read (the LayAlign modules may train in float32 over
-            half-precision bases).
+        attention: the adapted layer's attention module (`k_proj`, `v_proj`, `head_dim`, and the family's k-norm).
+        key_source, value_source: `(batch * encoder_len, d_llm)`, in the LLM's dtype.
+        encoder_shape: `(batch, encoder_len)`.
+        value_scale: `(batch, encoder_len, 1, 1)`, the layer's gate times the encoder mask; `None` when the value
+            source carries them already (a `v_proj` without bias commutes with the scale).
 
     Returns:
-        `(batch, M, 2, num_kv_heads, encoder_len, head_dim)`. The values come out multiplied by the layer's gate and
-        zeroed on encoder padding. The gate scales the fused branch's softmax output in the paper and the reference
-        code (`adaption_gate * softmax(...) @ V`); scaling the values is the same product, done once per `encode`
-        rather than in every layer at every decoding step. Zeroed padding changes nothing where the mask removes it
-        already, and makes a source that is all padding contribute nothing at all.
+        `(keys, values)`, each `(batch, num_kv_heads, encoder_len, head_dim)`. The values come out multiplied by the
+        layer's gate and zeroed on encoder padding. The gate scales the fused branch's softmax output in the paper
+        and the reference code (`adaption_gate * softmax(...) @ V`); scaling the values is the same product, done
+        once per projection rather than at every decoding step. Zeroed padding changes nothing where the mask
+        removes it already, and makes a source that is all padding contribute nothing at all.
     """
-    batch_size, encoder_len = fused.shape[:2]
-    fused = fused.to(dtype)
-    gates, padding = gates.to(dtype), encoder_mask.to(dtype)
-    value_scale = gates[:, None, None, None, None] * padding[None, :, :, None, None]  # (M, batch, encoder_len, 1, 1)
-    # One `unbind` rather than an index per source: its backward stacks the 2M gradients once, where indexing would
-    # allocate a zero-filled gradient of the whole `fused` tensor for every source (most of the fused branch's
-    # training cost before).
-    sources = fused.unbind(2)
-    per_layer = []
-    for slot, attention in enumerate(attention_modules):
-        keys = attention.k_proj(sources[2 * slot]).view(batch_size, encoder_len, -1, attention.head_dim)
-        values = attention.v_proj(sources[2 * slot + 1]).view(batch_size, encoder_len, -1, attention.head_dim)
-        if family.k_norm is not None:
-            keys = getattr(attention, family.k_norm)(keys)
-        values = values * value_scale[slot]
-        per_layer.append(torch.stack([keys.transpose(1, 2), values.transpose(1, 2)], dim=1))
-    return torch.stack(per_layer, dim=1)
+    shape = (*encoder_shape, -1, attention.head_dim)
+    keys = attention.k_proj(key_source).view(shape)
+    if family.k_norm is not None:
+        keys = getattr(attention, family.k_norm)(keys)
+    values = attention.v_proj(value_source).view(shape)
+    if value_scale is not None:
+        values = values * value_scale
+    return keys.transpose(1, 2), values.transpose(1, 2)
 
 
 def encoder_attention_bias(encoder_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -212,7 +226,7 @@ def layalign_attention_forward(
 
     The fused branch is added before `o_proj`, which equals applying `o_proj` to each branch and summing them: the
     gated branch goes through `o_proj`'s weight, and an `o_proj` bias is added once, not once per branch. Its gate
-    is already in the fused values (see `LayAlignForCausalLM._project_fused_states`).
+    is already in the fused values (see [`project_fused_kv`]).
     """
     output, weights = _base_attention_function(module, base_implementation)(
         module, query, key, value, attention_mask, **kwargs
@@ -221,9 +235,8 @@ def layalign_attention_forward(
         return output, weights
     family = layalign_fused.family
     softcap = getattr(module, family.softcap, None) if family.softcap else None
-    fused = fused_branch_attention(
-        module, query, layalign_fused.keys[slot], layalign_fused.values[slot], layalign_fused.encoder_bias, softcap
-    )
+    keys, values = layalign_fused.keys_and_values(module, slot)
+    fused = fused_branch_attention(module, query, keys, values, layalign_fused.encoder_bias, softcap)
     return output + (fused if fused.dtype == output.dtype else fused.to(output.dtype)), weights
 
 

@@ -1,7 +1,9 @@
 """Generation for `LayAlignForCausalLM`: the encoder once per call, and static caches.
 
 The stock `GenerationMixin` works as is with a dynamic cache, once `generate` has run the encoder (the results travel
-as batch-first model kwargs, which it repeats for beams and samples). A static cache (`cache_implementation="static"`,
+as batch-first model kwargs, which it repeats for beams and samples). The cache is an `EncoderDecoderCache`, as in
+encoder-decoder models: the LLM's cache, and the fused keys and values that each adapted layer projects on the first
+pass and reads back at every later step. A static cache (`cache_implementation="static"`,
 and with it `generate`'s automatic `torch.compile` of the decoding step on GPUs) needs three more changes, all because
 the LLM caches `[BOS, mapped encoder tokens, boundary]` in front of the text that `generate` sees. The reference code
 (`LayAlign.py`) generates through `llm.generate(inputs_embeds=...)` with a dynamic cache only.
@@ -9,9 +11,10 @@ the LLM caches `[BOS, mapped encoder tokens, boundary]` in front of the text tha
 
 import torch
 from transformers import GenerationMixin
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.masking_utils import create_masks_for_generate
 
+from .cache_layalign import with_fused_states_cache
 from .sequence_layalign import padding_to_front, positions_from_mask
 
 
@@ -29,9 +32,9 @@ class LayAlignGenerationMixin(GenerationMixin):
     ):
         """`GenerationMixin.generate`, with the encoder run once on the un-expanded batch.
 
-        The encoder, the fusion and every adapted layer's k/v projection run here, once per call; their results go
-        to the stock `generate` as batch-first tensors, which it repeats for beams / samples /
-        `num_return_sequences` and hands to every decoding step. `input_ids` (the prompt, left-padded in batches)
+        The encoder and the fusion run here, once per call; their results go to the stock `generate` as batch-first
+        tensors, which it repeats for beams / samples / `num_return_sequences`. The first pass reads them (each
+        adapted layer projecting its fused keys and values into the cache) and later steps read the cache. `input_ids` (the prompt, left-padded in batches)
         may be omitted to generate right after the boundary, as in stage-1 translation. The returned sequences are
         `input_ids` followed by the new tokens, decodable with the LLM's tokenizer.
         """
@@ -42,11 +45,12 @@ class LayAlignGenerationMixin(GenerationMixin):
         if input_ids is None and "inputs_embeds" not in kwargs:
             # An empty prompt: generation starts right after the boundary. Handed over as zero-length embeddings,
             # the one empty input `generate` accepts.
+            # (Shaped from the config: under sharding the embedding weight is not whole outside a forward pass.)
             batch_size = encoder_input_ids.shape[0]
-            embedding = self.llm.get_input_embeddings().weight
-            kwargs["inputs_embeds"] = embedding.new_zeros(batch_size, 0, embedding.shape[1])
+            width = self.config.text_config.hidden_size
+            kwargs["inputs_embeds"] = torch.zeros(batch_size, 0, width, dtype=self.llm.dtype, device=encoder_input_ids.device)
             attention_mask = encoded.attention_mask.new_zeros(batch_size, 0)
-        for name, value in (("mapped_encoder_embeds", encoded.mapped_embeds), ("fused_kv", encoded.fused_kv)):
+        for name, value in (("mapped_encoder_embeds", encoded.mapped_embeds), ("fused_states", encoded.fused_states)):
             if value is not None:
                 kwargs[name] = value
         return super().generate(
@@ -56,11 +60,26 @@ class LayAlignGenerationMixin(GenerationMixin):
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
     ) -> None:
-        """`GenerationMixin._prepare_cache_for_generation`, with room for `[BOS, mapped encoder tokens, boundary]`:
-        `generate` sizes a static cache from `input_ids` and `max_new_tokens` alone."""
+        """`GenerationMixin._prepare_cache_for_generation`, with room for `[BOS, mapped encoder tokens, boundary]`
+        (`generate` sizes a static cache from `input_ids` and `max_new_tokens` alone), paired with a cache for the
+        fused keys and values: static layers of the encoder's length next to a static LLM cache, so the decoding step
+        reads tensors of fixed address and shape."""
         encoder_len = model_kwargs["encoder_attention_mask"].shape[1]
         max_cache_length += self.num_prefix_positions(encoder_len)
         super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+        llm_cache = model_kwargs.get("cache")
+        if not self.config.use_layer_fusion or llm_cache is None or isinstance(llm_cache, EncoderDecoderCache):
+            return
+        model_kwargs["cache"] = with_fused_states_cache(llm_cache, len(self.config.adapted_llm_layers), encoder_len)
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs: dict, *args, **kwargs) -> dict:
+        """`GenerationMixin._update_model_kwargs_for_generation`; once the cache holds the prefix and the fused keys
+        and values, the encoder's outputs are dropped from the model kwargs (no step reads them again)."""
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if model_kwargs.get("cache") is not None:
+            model_kwargs.pop("mapped_encoder_embeds", None)
+            model_kwargs.pop("fused_states", None)
+        return model_kwargs
 
     def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
         """Keeps the 2-D text mask: the stock function would build the LLM's mask over the text alone.
@@ -110,6 +129,8 @@ class LayAlignGenerationMixin(GenerationMixin):
         # fresh copy, so that the strides too are the same at every step.)
         positions = positions_from_mask(text_mask)[:, -step_ids.shape[1] :]
         inputs["position_ids"] = positions.clone(memory_format=torch.contiguous_format)
+        if isinstance(cache, EncoderDecoderCache):
+            cache = cache.self_attention_cache
         prefix = self._prefix_mask(inputs["encoder_attention_mask"])
         llm_mask, _ = padding_to_front(torch.cat([prefix, text_mask.to(prefix.dtype)], dim=1))
         llm_mask = create_masks_for_generate(

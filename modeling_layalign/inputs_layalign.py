@@ -35,14 +35,14 @@ def check_encoder_inputs(
     return encoder_attention_mask
 
 
-def all_ones_encoder_mask(encoder_input_ids, mapped_encoder_embeds, fused_kv) -> torch.Tensor:
+def all_ones_encoder_mask(encoder_input_ids, mapped_encoder_embeds, fused_states) -> torch.Tensor:
     """The encoder mask when none is given: all ones over the encoder length of whichever input is there."""
     if encoder_input_ids is not None:
         return torch.ones_like(encoder_input_ids)
     if mapped_encoder_embeds is not None:
         batch_size, encoder_len, device = *mapped_encoder_embeds.shape[:2], mapped_encoder_embeds.device
-    elif fused_kv is not None:
-        batch_size, encoder_len, device = fused_kv.shape[0], fused_kv.shape[-2], fused_kv.device
+    elif fused_states is not None:
+        batch_size, encoder_len, device = *fused_states.shape[:2], fused_states.device
     else:
         raise ValueError("`encoder_attention_mask` (or `encoder_input_ids`) is required while decoding with a cache.")
     return torch.ones(batch_size, encoder_len, dtype=torch.long, device=device)

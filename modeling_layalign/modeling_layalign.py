@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
@@ -22,8 +23,8 @@ from .attention_layalign import (
     encoder_attention_bias,
     fused_attention_implementation,
     llm_family,
-    project_fused_states,
 )
+from .cache_layalign import with_fused_states_cache
 from .checkpoint_layalign import LayAlignCheckpointMixin
 from .configuration_layalign import LayAlignConfig
 from .generation_layalign import LayAlignGenerationMixin
@@ -135,6 +136,11 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
             self.fusion = LayAlignLayerFusion(num_fused, num_adapted, encoder_width, llm_width, config.fusion_structure)
             self.gates = LayAlignGates(config.adapted_llm_layers)
         self._use_fused_attention()
+        # Where the gate and the encoder mask can scale the value sources rather than the projected values: a
+        # linear map without bias commutes with the scale (one product for every layer instead of one per layer).
+        self._scale_value_sources = config.use_layer_fusion and all(
+            attention.v_proj.bias is None for attention in self._adapted_attention_modules()
+        )
         self.post_init()
         self.apply_trainable_parts()
         # Every label of `input_ids` is predicted, the first one from the boundary. Without a (shifting) loss type,
@@ -159,6 +165,11 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
         if not current.startswith("layalign_"):
             self.llm.config._attn_implementation = fused_attention_implementation(current)
 
+    @property
+    def _fused_slots(self) -> dict[int, int]:
+        """LLM layer index -> its position among the adapted layers (and in the fusion's sources)."""
+        return {layer: slot for slot, layer in enumerate(self.config.adapted_llm_layers)}
+
     def _adapted_attention_modules(self) -> list[nn.Module]:
         layers = self.llm.get_decoder().layers
         return [layers[index].self_attn for index in self.config.adapted_llm_layers]
@@ -174,8 +185,10 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
             encoder_input_ids: `(batch, encoder_len)` source-text token ids from the encoder's tokenizer.
             encoder_attention_mask: `(batch, encoder_len)`, 1 on real tokens, 0 on padding (either side).
 
-        Pass the result's fields to `forward` (`mapped_encoder_embeds`, `fused_kv`, `encoder_attention_mask`) to
-        reuse one encoding across several calls; `generate` does this by itself.
+        Pass the result's fields to `forward` (`mapped_encoder_embeds`, `fused_states`, `encoder_attention_mask`) to
+        reuse one encoding across several calls; `generate` does this by itself. The adapted layers' frozen `k_proj` /
+        `v_proj` are not applied here: each layer projects its own sources inside its forward (see
+        `attention_layalign.FusedAttentionInputs`).
         """
         encoder_attention_mask = check_encoder_inputs(
             encoder_input_ids, encoder_attention_mask, self.encoder_family.max_length(self.config.encoder_config)
@@ -192,24 +205,17 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
                 return_dict=True,
                 **encoder_kwargs,
             )
-        mapped_embeds = fused_kv = None
+        mapped_embeds = fused_states = None
         if self.input_mapping is not None:
             dtype = next(self.input_mapping.parameters()).dtype
             mapped_embeds = self.input_mapping(encoded.last_hidden_state.to(dtype))
         if self.fusion is not None:
             dtype = next(self.fusion.parameters()).dtype
-            layers = torch.stack([encoded.hidden_states[i].to(dtype) for i in self.config.fused_encoder_layers], dim=-1)
-            fused_kv = project_fused_states(
-                self.fusion(layers),
-                encoder_attention_mask,
-                self._adapted_attention_modules(),
-                self.llm_family,
-                self.gates(),
-                # LayAlign modules may train in float32 over half-precision bases: the frozen projections read the
-                # LLM's dtype (what autocast does anyway, and what a call outside autocast needs).
-                dtype=self.llm.get_input_embeddings().weight.dtype,
-            )
-        return LayAlignEncoderOutput(mapped_embeds=mapped_embeds, fused_kv=fused_kv, attention_mask=encoder_attention_mask)
+            layers = torch.stack([encoded.hidden_states[i] for i in self.config.fused_encoder_layers], dim=-1)
+            fused_states = self.fusion(layers.to(dtype))
+        return LayAlignEncoderOutput(
+            mapped_embeds=mapped_embeds, fused_states=fused_states, attention_mask=encoder_attention_mask
+        )
 
     # -- LLM side -------------------------------------------------------------------------------------------------------
 
@@ -242,7 +248,7 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
         encoder_input_ids: torch.LongTensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         mapped_encoder_embeds: torch.Tensor | None = None,
-        fused_kv: torch.Tensor | None = None,
+        fused_states: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache=None,
         inputs_embeds: torch.Tensor | None = None,
@@ -260,15 +266,20 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
                 decoding with a static cache, `generate` passes the LLM's own prepared mask instead (see
                 [`prepare_inputs_for_generation`]).
             encoder_input_ids: `(batch, encoder_len)` source-text ids from the encoder's tokenizer. Not needed when
-                `mapped_encoder_embeds` / `fused_kv` (from [`encode`]) are given.
+                `mapped_encoder_embeds` / `fused_states` (from [`encode`]) are given, nor while the cache holds the
+                fused keys and values.
             encoder_attention_mask: `(batch, encoder_len)`, 1 on real source tokens. Needed at every step of
                 incremental decoding, since the cached prefix keeps its padding.
             mapped_encoder_embeds: `(batch, encoder_len, d_llm)` from [`encode`]; read on the first pass only.
-            fused_kv: `(batch, num_adapted_layers, 2, num_kv_heads, encoder_len, head_dim)` from [`encode`].
+            fused_states: `(batch, encoder_len, 2 * num_adapted_layers, d_llm)` from [`encode`], the fusion's sources
+                of every adapted layer's keys and values; read on a pass whose cache does not hold their projections.
             position_ids: `(batch, text_len)` positions of the text counted from its first token (what `generate`
                 derives from `attention_mask`); the number of real prefix positions is added. Derived from the
                 masks when omitted, so padding anywhere never shifts an example's positions.
-            cache: the LLM's cache (`past_key_values` is accepted as the old name).
+            cache: an `EncoderDecoderCache` whose self-attention half is the LLM's cache and whose cross-attention half
+                holds the fused keys and values of every adapted layer, projected on the first pass (what this
+                forward returns with `use_cache=True`, and what `generate` builds). A plain LLM cache is wrapped in
+                one. `past_key_values` is accepted as the old name.
             labels: `(batch, text_len)` targets for `input_ids`, -100 where no loss is wanted (prompt, padding).
             `return_dict=False` returns the output as a tuple, as transformers models do.
 
@@ -277,6 +288,7 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
             `num_prefix_positions(encoder_len) + text_len` positions (prefix first), then `text_len` per step.
         """
         self._use_fused_attention()
+        llm_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if input_ids is not None:
@@ -285,19 +297,23 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
         batch_size, text_len = inputs_embeds.shape[:2]
         prepared_mask = is_prepared_llm_mask(attention_mask)
         # (A static cache counts its length in a tensor; a prepared mask means a decoding step, without reading it.)
-        past_len = 0 if cache is None or prepared_mask else int(cache.get_seq_length())
+        past_len = 0 if llm_cache is None or prepared_mask else int(llm_cache.get_seq_length())
         is_first_pass = past_len == 0 and not prepared_mask
         if labels is not None:
             check_labels(labels, (batch_size, text_len))
 
-        mapped_encoder_embeds, fused_kv, encoder_attention_mask = self._encoder_side(
-            encoder_input_ids, encoder_attention_mask, mapped_encoder_embeds, fused_kv, is_first_pass
+        fused_cached = isinstance(cache, EncoderDecoderCache) and cache.is_updated.get(0, False)
+        mapped_encoder_embeds, fused_states, encoder_attention_mask = self._encoder_side(
+            encoder_input_ids, encoder_attention_mask, mapped_encoder_embeds, fused_states, is_first_pass, fused_cached
         )
         if encoder_attention_mask.shape[0] != batch_size:
             raise ValueError(
                 f"The encoder inputs hold {encoder_attention_mask.shape[0]} examples but the LLM inputs hold "
                 f"{batch_size}; each example needs both."
             )
+        cache = self._with_fused_cache(llm_cache if cache is None else cache, use_cache, encoder_attention_mask.shape[1])
+        if isinstance(cache, EncoderDecoderCache):
+            llm_cache = cache.self_attention_cache
 
         prefix = self._prefix_mask(encoder_attention_mask)
         if prepared_mask:
@@ -313,20 +329,17 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
                 labels=labels if is_first_pass else None,
             )
         fused_inputs = None
-        if fused_kv is not None:
-            keys, values = fused_kv.unbind(2)
-            fused_inputs = FusedAttentionInputs(
-                keys=keys.unbind(1),
-                values=values.unbind(1),
-                encoder_bias=encoder_attention_bias(encoder_attention_mask, fused_kv.dtype),
-                slots={layer: slot for slot, layer in enumerate(self.config.adapted_llm_layers)},
-                family=self.llm_family,
+        if self.config.use_layer_fusion:
+            fused_inputs = self._fused_attention_inputs(
+                None if fused_cached else fused_states,
+                encoder_attention_mask,
+                cache.cross_attention_cache if isinstance(cache, EncoderDecoderCache) else None,
             )
         outputs = self.llm(
             inputs_embeds=sequence.inputs_embeds,
             attention_mask=sequence.attention_mask,
             position_ids=sequence.position_ids,
-            cache=cache,
+            cache=llm_cache,
             labels=sequence.labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
@@ -335,36 +348,86 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
         )
         if outputs.logits is not None:
             outputs.logits = sequence.unsort(outputs.logits)
+        if isinstance(cache, EncoderDecoderCache):
+            if fused_inputs is not None:
+                cache.is_updated.update(dict.fromkeys(range(len(self.config.adapted_llm_layers)), True))
+            outputs.cache = cache
         return outputs
+
+    def _with_fused_cache(self, cache: Cache | None, use_cache: bool | None, encoder_len: int) -> Cache | None:
+        """The cache of this pass: the LLM's cache paired with one for the fused keys and values (filled by the first
+        pass, read by the later ones; see `cache_layalign.py`). Built when a plain cache or `use_cache=True` is
+        passed; MindMerger mode keeps the LLM's own cache."""
+        if not self.config.use_layer_fusion or isinstance(cache, EncoderDecoderCache):
+            return cache
+        if cache is None and not use_cache:
+            return None
+        llm_cache = cache if cache is not None else DynamicCache(config=self.config.text_config)
+        return with_fused_states_cache(llm_cache, len(self.config.adapted_llm_layers), encoder_len)
+
+    def _fused_attention_inputs(
+        self, fused_states: torch.Tensor | None, encoder_attention_mask: torch.Tensor, fused_cache: Cache | None
+    ) -> FusedAttentionInputs:
+        """What the adapted layers read this pass: the sources to project (`fused_states` given) or the cache that
+        holds their projections (`fused_states=None`).
+
+        The sources are cast to the LLM's dtype, which its frozen projections read (the LayAlign modules may train
+        in float32 over half-precision bases), and carry each layer's gate and the encoder mask (see
+        `attention_layalign.project_fused_kv`): on the value sources themselves when no adapted `v_proj` has a bias,
+        otherwise as one scale per layer for the projected values.
+        """
+        dtype = self.llm.get_input_embeddings().weight.dtype
+        sources = value_scales = None
+        if fused_states is not None:
+            gates, padding = self.gates().to(dtype), encoder_attention_mask.to(dtype)[:, :, None, None]
+            fused_states = fused_states.to(dtype)
+            if self._scale_value_sources:
+                # (1 for the key source of every layer, its gate for the value source: (2M,) -> (batch, T, 2M, 1))
+                source_scale = torch.stack([torch.ones_like(gates), gates], dim=1).view(-1, 1) * padding
+                fused_states = fused_states * source_scale
+            else:
+                value_scales = (gates[:, None, None, None, None] * padding).unbind(0)
+            # (Rows flattened once for all layers: each projection is then a plain matrix product, with no reshaping
+            # of its input and output on either pass.)
+            sources = fused_states.flatten(0, 1).unbind(1)
+        return FusedAttentionInputs(
+            sources=sources,
+            value_scales=value_scales,
+            cache=fused_cache,
+            encoder_bias=encoder_attention_bias(encoder_attention_mask, dtype),
+            slots=self._fused_slots,
+            family=self.llm_family,
+        )
 
     def _encoder_side(
         self,
         encoder_input_ids: torch.LongTensor | None,
         encoder_attention_mask: torch.Tensor | None,
         mapped_encoder_embeds: torch.Tensor | None,
-        fused_kv: torch.Tensor | None,
+        fused_states: torch.Tensor | None,
         is_first_pass: bool,
+        fused_cached: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-        """`(mapped_encoder_embeds, fused_kv, encoder_attention_mask)` for this pass, encoding only what is missing.
+        """`(mapped_encoder_embeds, fused_states, encoder_attention_mask)` for this pass, encoding only what is missing.
 
-        The mapped tokens are read on the first pass only; the fused keys and values at every pass. The mask defaults
-        to all ones over the encoder length.
+        The mapped tokens are read on the first pass only; the fused sources on every pass whose cache does not hold
+        their projections yet. The mask defaults to all ones over the encoder length.
         """
         needs_mapped = is_first_pass and self.config.use_input_mapping and mapped_encoder_embeds is None
-        needs_fused = self.config.use_layer_fusion and fused_kv is None
+        needs_fused = self.config.use_layer_fusion and fused_states is None and not fused_cached
         if needs_mapped or needs_fused:
             if encoder_input_ids is None:
                 raise ValueError(
                     "`encoder_input_ids` is required: LayAlign reads the source text through its encoder. Pass the "
-                    "encoder tokenizer's ids (or `mapped_encoder_embeds` and `fused_kv` from `model.encode`)."
+                    "encoder tokenizer's ids (or `mapped_encoder_embeds` and `fused_states` from `model.encode`)."
                 )
             encoded = self.encode(encoder_input_ids, encoder_attention_mask)
             mapped_encoder_embeds = encoded.mapped_embeds if mapped_encoder_embeds is None else mapped_encoder_embeds
-            fused_kv = encoded.fused_kv if fused_kv is None else fused_kv
-            return mapped_encoder_embeds, fused_kv, encoded.attention_mask
+            fused_states = encoded.fused_states if fused_states is None else fused_states
+            return mapped_encoder_embeds, fused_states, encoded.attention_mask
         if encoder_attention_mask is None:
-            encoder_attention_mask = all_ones_encoder_mask(encoder_input_ids, mapped_encoder_embeds, fused_kv)
-        return mapped_encoder_embeds, fused_kv, encoder_attention_mask
+            encoder_attention_mask = all_ones_encoder_mask(encoder_input_ids, mapped_encoder_embeds, fused_states)
+        return mapped_encoder_embeds, fused_states, encoder_attention_mask
 
 
 LayAlignForCausalLM.register_for_auto_class("AutoModelForCausalLM")

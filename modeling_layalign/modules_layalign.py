@@ -97,9 +97,10 @@ class LayAlignGates(nn.Module):
     def forward(self) -> torch.Tensor:
         """`(num_adapted_layers,)`, in the order of `adapted_llm_layers`.
 
-        Read through a call rather than by key, so that the gates work the same when peft wraps this module.
+        Read through a call rather than by key, so that the gates work the same when peft wraps this module. Stacked
+        rather than concatenated: the backward of a stack is one `unbind`, that of a concatenation one slice per gate.
         """
-        return torch.cat([gate.gate for gate in self.layers.values()])
+        return torch.stack([gate.gate for gate in self.layers.values()]).view(-1)
 
 
 @dataclass
@@ -109,12 +110,13 @@ class LayAlignEncoderOutput(ModelOutput):
     Attributes:
         mapped_embeds: `(batch, encoder_len, d_llm)`, the final encoder states in the LLM's embedding space, or
             `None` without input mapping.
-        fused_kv: `(batch, num_adapted_layers, 2, num_kv_heads, encoder_len, head_dim)`, the fused keys and values
-            of every adapted layer, or `None` without layer fusion.
+        fused_states: `(batch, encoder_len, 2 * num_adapted_layers, d_llm)`, the fusion's output: source `2m` feeds
+            the keys of adapted layer `m`, source `2m + 1` its values (each layer projects them with its own frozen
+            `k_proj` / `v_proj`), or `None` without layer fusion.
         attention_mask: `(batch, encoder_len)`, 1 on real encoder tokens.
     """
 
     mapped_embeds: torch.Tensor | None = None
-    fused_kv: torch.Tensor | None = None
+    fused_states: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
 

@@ -129,7 +129,7 @@ def test_incremental_decoding_matches_full_forward(llm, encoder, generator):
         for position in range(prompt_len, 7):
             # Alternate the two ways of feeding the encoder side to a decoding step.
             encoder_side = (
-                dict(fused_kv=encoded.fused_kv)
+                dict(fused_states=encoded.fused_states)
                 if position % 2
                 else dict(encoder_input_ids=inputs["encoder_input_ids"])
             )
@@ -514,7 +514,7 @@ def test_mindmerger_ablation_is_the_llm_with_a_mapped_prefix(generator):
     assert model.fusion is None and model.gates is None
     inputs, _, _ = make_batch(model, generator)
     with torch.no_grad():
-        assert model.encode(inputs["encoder_input_ids"], inputs["encoder_attention_mask"]).fused_kv is None
+        assert model.encode(inputs["encoder_input_ids"], inputs["encoder_attention_mask"]).fused_states is None
         expected = base_llm_logits(model, pristine_llm(model, "llama"), inputs)
         actual = model(**inputs).logits
     assert (actual - expected)[full_sequence_mask(model, inputs).bool()].abs().max().item() == 0.0
