@@ -54,8 +54,7 @@ import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, LlamaConfig, MT5Config, MT5EncoderModel
 
-from common import PRESETS, Models, argument_parser, print_table, random_ids, write_json
-from modeling_layalign import LayAlignForCausalLM
+from common import PRESETS, Models, argument_parser, pair_models, print_table, random_ids, write_json
 
 
 SYSTEMS = ("LayAlign", "MindMerger mode", "LLM alone")
@@ -167,7 +166,7 @@ def repeated(name: str, function: Callable[[], Counter[str]]) -> Counter[str]:
 
 def build_models(name: str, seed: int = 0) -> Models:
     """LayAlign (gates at 0.1) and MindMerger mode over one random encoder and one random LLM with the preset's layer
-    counts, in eval mode, on the CPU; the LayAlign modules float32, as `common.build_models` makes them."""
+    counts, in eval mode, on the CPU, paired as `common.build_models` pairs them."""
     preset = COUNTING_PRESETS[name]
     torch.manual_seed(seed)
     encoder_config = MT5Config(
@@ -181,18 +180,7 @@ def build_models(name: str, seed: int = 0) -> Models:
     )  # fmt: skip
     encoder = MT5EncoderModel._from_config(encoder_config, dtype=preset.dtype)
     llm = AutoModelForCausalLM.from_config(llm_config, dtype=preset.dtype)
-    layalign = LayAlignForCausalLM.from_base_models(encoder, llm)
-    mindmerger = LayAlignForCausalLM.from_base_models(layalign.encoder, layalign.llm, use_layer_fusion=False)
-    mindmerger.input_mapping.load_state_dict(layalign.input_mapping.state_dict())
-    for model in (layalign, mindmerger):
-        for module_name in model.layalign_module_names:
-            if (module := getattr(model, module_name)) is not None:
-                module.float()
-        model.eval()
-    with torch.no_grad():
-        for gate in layalign.gates.layers.values():
-            gate.gate.fill_(0.1)
-    return Models(layalign, mindmerger, PRESETS[preset.shapes])
+    return Models(*pair_models(encoder, llm), PRESETS[preset.shapes])
 
 
 def autocast_for(dtype: torch.dtype) -> Callable[[], contextlib.AbstractContextManager]:

@@ -85,6 +85,12 @@ def build_models(name: str, seed: int = 0) -> Models:
         encoder, llm = prepare_demo_models()
     else:
         encoder, llm = _random_bases(name, preset)
+    return Models(*pair_models(encoder, llm, preset.device), preset)
+
+
+def pair_models(encoder, llm, device: str = "cpu") -> tuple[LayAlignForCausalLM, LayAlignForCausalLM]:
+    """LayAlign (gates at 0.1, so that the fused branch runs) and MindMerger mode with the same input mapping, over
+    the same `encoder` and `llm` objects, in eval mode on `device`; the LayAlign modules float32."""
     layalign = LayAlignForCausalLM.from_base_models(encoder, llm)
     mindmerger = LayAlignForCausalLM.from_base_models(layalign.encoder, layalign.llm, use_layer_fusion=False)
     mindmerger.input_mapping.load_state_dict(layalign.input_mapping.state_dict())
@@ -92,11 +98,11 @@ def build_models(name: str, seed: int = 0) -> Models:
         for module_name in model.layalign_module_names:
             if (module := getattr(model, module_name)) is not None:
                 module.float()
-        model.to(preset.device).eval()
+        model.to(device).eval()
     with torch.no_grad():
         for gate in layalign.gates.layers.values():
             gate.gate.fill_(0.1)
-    return Models(layalign, mindmerger, preset)
+    return layalign, mindmerger
 
 
 def _random_bases(name: str, preset: Preset):

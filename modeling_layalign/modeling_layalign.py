@@ -138,6 +138,8 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
         self._use_fused_attention()
         # Where the gate and the encoder mask can scale the value sources rather than the projected values: a
         # linear map without bias commutes with the scale (one product for every layer instead of one per layer).
+        # LLM layer index -> its position among the adapted layers (and in the fusion's sources).
+        self._fused_slots = {layer: slot for slot, layer in enumerate(config.adapted_llm_layers)}
         self._scale_value_sources = config.use_layer_fusion and all(
             attention.v_proj.bias is None for attention in self._adapted_attention_modules()
         )
@@ -164,11 +166,6 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
         current = self.llm.config._attn_implementation or "eager"
         if not current.startswith("layalign_"):
             self.llm.config._attn_implementation = fused_attention_implementation(current)
-
-    @property
-    def _fused_slots(self) -> dict[int, int]:
-        """LLM layer index -> its position among the adapted layers (and in the fusion's sources)."""
-        return {layer: slot for slot, layer in enumerate(self.config.adapted_llm_layers)}
 
     def _adapted_attention_modules(self) -> list[nn.Module]:
         layers = self.llm.get_decoder().layers
