@@ -196,9 +196,12 @@ class LayAlignCheckpointMixin:
                     "A LayAlign-only checkpoint needs `config.encoder_name_or_path` and `config.llm_name_or_path` to "
                     "reload the bases from; set them or save with `checkpoint_format='full'`."
                 )
-            state_dict = self.state_dict() if state_dict is None else state_dict
+            gathered, state_dict = state_dict, self.state_dict() if state_dict is None else state_dict
+            self.config.base_fingerprints = {
+                "encoder": base_fingerprint(self.encoder, gathered, prefix="encoder."),
+                "llm": base_fingerprint(self.llm, gathered, prefix="llm."),
+            }
             state_dict = {key: value for key, value in state_dict.items() if self.is_layalign_key(key)}
-            self.config.base_fingerprints = {"encoder": base_fingerprint(self.encoder), "llm": base_fingerprint(self.llm)}
         else:
             self.config.base_fingerprints = None
         self.config.checkpoint_format = checkpoint_format
@@ -325,22 +328,30 @@ def base_model_source(model: PreTrainedModel) -> str | None:
     return os.path.abspath(source) if os.path.isdir(source) else source
 
 
-def base_fingerprint(model: PreTrainedModel, values_per_weight: int = 16) -> dict[str, dict]:
+def base_fingerprint(
+    model: PreTrainedModel, state_dict: dict | None = None, prefix: str = "", values_per_weight: int = 16
+) -> dict[str, dict]:
     """A few values of a base's first, middle and last weights, at evenly spaced positions, with their dtype.
 
     Cheap, unchanged by loading the base in another dtype (compared up to one rounding step of the coarser dtype),
     and different for a fine-tuned copy of the same architecture, whose weights have moved by more than that.
+
+    `state_dict` (keys `prefix` + the base's own names) is the whole model's state dict that a sharding engine
+    gathers for saving (FSDP's full state dict, ZeRO-3's consolidated weights): under sharding the base's
+    parameters hold only this process's shard, so the values come from the gathered weights, and a weight the
+    gathered dict lacks is left out of the fingerprint (loading then skips it) rather than read from a shard.
     """
-    parameters = list(model.named_parameters())
-    chosen = dict(parameters[index] for index in (0, len(parameters) // 2, len(parameters) - 1))
-    return {
-        name: {
-            "numel": weight.numel(),
-            "dtype": str(weight.dtype).removeprefix("torch."),
-            "values": _sample(weight, values_per_weight),
-        }
-        for name, weight in chosen.items()
-    }
+    names = [name for name, _ in model.named_parameters()]
+    fingerprint = {}
+    for name in dict.fromkeys(names[index] for index in (0, len(names) // 2, len(names) - 1)):
+        weight = model.get_parameter(name) if state_dict is None else state_dict.get(prefix + name)
+        if weight is not None:
+            fingerprint[name] = {
+                "numel": weight.numel(),
+                "dtype": str(weight.dtype).removeprefix("torch."),
+                "values": _sample(weight, values_per_weight),
+            }
+    return fingerprint
 
 
 def check_base_fingerprint(model: PreTrainedModel, expected: dict[str, dict], source_field: str) -> None:

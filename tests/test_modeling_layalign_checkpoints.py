@@ -228,6 +228,26 @@ def test_the_right_bases_in_another_dtype_pass_the_fingerprint_check(tmp_path):
     assert reloaded.llm.dtype == torch.bfloat16
 
 
+def test_a_save_from_gathered_weights_fingerprints_the_bases_from_them(tmp_path):
+    """Under FSDP or ZeRO-3 the bases' own parameters are shards; `Trainer` passes the gathered weights as
+    `state_dict`, and the fingerprint must come from those (tests/test_scaling.py runs the engines themselves)."""
+    model = trained_model(tmp_path)
+    model.save_pretrained(tmp_path / "from_parameters")
+    from_parameters = model.config.base_fingerprints
+    gathered = {key: value.clone() for key, value in model.state_dict().items()}
+    with torch.no_grad():
+        for parameter in model.llm.parameters():
+            parameter.zero_()  # what this process would read from its shards
+    model.save_pretrained(tmp_path / "from_gathered", state_dict=gathered)
+    assert model.config.base_fingerprints == from_parameters
+    LayAlignForCausalLM.from_pretrained(tmp_path / "from_gathered")  # the fingerprint check passes
+
+    layalign_only = {key: value for key, value in gathered.items() if model.is_layalign_key(key)}
+    model.save_pretrained(tmp_path / "without_bases", state_dict=layalign_only)
+    assert model.config.base_fingerprints == {"encoder": {}, "llm": {}}
+    LayAlignForCausalLM.from_pretrained(tmp_path / "without_bases")
+
+
 def test_bases_moved_after_a_layalign_only_save_load_from_where_they_are_now(tmp_path):
     model = trained_model(tmp_path / "then")
     inputs = sample_inputs()
