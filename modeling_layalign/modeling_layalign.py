@@ -375,15 +375,15 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
         """
         dtype = self.llm.get_input_embeddings().weight.dtype
         sources = value_scales = None
+        encoder_attention_mask = encoder_attention_mask.to(dtype)
         if fused_states is not None:
-            gates, padding = self.gates().to(dtype), encoder_attention_mask.to(dtype)[:, :, None, None]
+            padding = encoder_attention_mask.view(*encoder_attention_mask.shape, 1, 1)
             fused_states = fused_states.to(dtype)
             if self._scale_value_sources:
-                # (1 for the key source of every layer, its gate for the value source: (2M,) -> (batch, T, 2M, 1))
-                source_scale = torch.stack([torch.ones_like(gates), gates], dim=1).view(-1, 1) * padding
-                fused_states = fused_states * source_scale
+                # (1 for the key source of every layer, its gate for the value source: (2M, 1) -> (batch, T, 2M, 1))
+                fused_states = fused_states * (self.gates.source_scale().to(dtype) * padding)
             else:
-                value_scales = (gates[:, None, None, None, None] * padding).unbind(0)
+                value_scales = (self.gates().to(dtype)[:, None, None, None, None] * padding).unbind(0)
             # (Rows flattened once for all layers: each projection is then a plain matrix product, with no reshaping
             # of its input and output on either pass.)
             sources = fused_states.flatten(0, 1).unbind(1)
@@ -391,7 +391,7 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
             sources=sources,
             value_scales=value_scales,
             cache=fused_cache,
-            encoder_bias=encoder_attention_bias(encoder_attention_mask, dtype),
+            encoder_bias=encoder_attention_bias(encoder_attention_mask),
             slots=self._fused_slots,
             family=self.llm_family,
         )

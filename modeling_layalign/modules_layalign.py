@@ -97,10 +97,33 @@ class LayAlignGates(nn.Module):
     def forward(self) -> torch.Tensor:
         """`(num_adapted_layers,)`, in the order of `adapted_llm_layers`.
 
-        Read through a call rather than by key, so that the gates work the same when peft wraps this module. Stacked
-        rather than concatenated: the backward of a stack is one `unbind`, that of a concatenation one slice per gate.
+        Read through a call rather than by key, so that the gates work the same when peft wraps this module.
         """
-        return torch.stack([gate.gate for gate in self.layers.values()]).view(-1)
+        return _StackedGates.apply(None, *(gate.gate for gate in self.layers.values())).view(-1)
+
+    def source_scale(self) -> torch.Tensor:
+        """`(2 * num_adapted_layers, 1)`: 1 for each adapted layer's key source and its gate for its value source,
+        in the order of the fusion's sources (`2m`, `2m + 1`), so that one product scales every value source."""
+        gates = [gate.gate for gate in self.layers.values()]
+        return _StackedGates.apply(gates[0].new_ones(1), *gates)
+
+
+class _StackedGates(torch.autograd.Function):
+    """The one-element gates stacked, `(M, 1)`, or with `one` before each, `(2M, 1)`; one `unbind` as the backward.
+
+    The backward of `torch.stack` (or `torch.cat`) is one select (or slice) per input: 32 operators or more per
+    training step over a 7B Llama, where one `unbind` gives every gate its gradient (`benchmarks/bench_ops.py`).
+    """
+
+    @staticmethod
+    def forward(ctx, one: torch.Tensor | None, *gates: torch.Tensor) -> torch.Tensor:
+        ctx.interleaved = one is not None
+        return torch.stack([scalar for gate in gates for scalar in (one, gate)] if ctx.interleaved else gates)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        gradients = grad.unbind(0)
+        return None, *(gradients[1::2] if ctx.interleaved else gradients)
 
 
 @dataclass

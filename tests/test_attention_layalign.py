@@ -106,7 +106,7 @@ def test_fused_branch_attention_is_a_masked_softmax_over_the_encoder_tokens(soft
     encoder_mask[1, :2] = False
     module = nn.Module()
     module.scaling = head_dim**-0.5
-    output = fused_branch_attention(module, query, key, value, encoder_attention_bias(encoder_mask, query.dtype), softcap)
+    output = fused_branch_attention(module, query, key, value, encoder_attention_bias(encoder_mask.to(query.dtype)), softcap)
     assert output.shape == (batch, query_len, heads, head_dim)
     for b in range(batch):
         real = encoder_mask[b]
