@@ -100,8 +100,7 @@ def pair_models(encoder, llm, device: str = "cpu") -> tuple[LayAlignForCausalLM,
                 module.float()
         model.to(device).eval()
     with torch.no_grad():
-        for gate in layalign.gates.layers.values():
-            gate.gate.fill_(0.1)
+        layalign.gates.weight.fill_(0.1)
     return layalign, mindmerger
 
 

@@ -38,6 +38,7 @@ from transformers.utils import (
     logging,
 )
 
+from .legacy_layalign import load_gates_of_full_checkpoint
 from .configuration_layalign import CHECKPOINT_FORMATS, LayAlignConfig
 from .encoders_layalign import encoder_family
 from .pipeline_layalign import custom_pipelines_entry
@@ -257,7 +258,11 @@ class LayAlignCheckpointMixin:
                 setattr(config, source_field, os.fspath(source))
         check_base_weights = kwargs.pop("check_base_weights", True)
         if config.checkpoint_format != "layalign_only":
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            download = {key: kwargs[key] for key in ("revision", "subfolder", *SHARED_LOAD_KWARGS) if key in kwargs}
+            model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) on request
+            load_gates_of_full_checkpoint(model, pretrained_model_name_or_path, download)
+            return loaded
         return cls._from_layalign_only(pretrained_model_name_or_path, config, check_base_weights, **kwargs)
 
     @classmethod

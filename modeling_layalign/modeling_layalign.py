@@ -35,10 +35,10 @@ from .inputs_layalign import (
     check_labels,
     check_token_ids,
 )
+from .legacy_layalign import GATES_KEY_PATTERN, PER_LAYER_GATES_PATTERN
 from .modules_layalign import (
     LayAlignBoundary,
     LayAlignEncoderOutput,
-    LayAlignGate,
     LayAlignGates,
     LayAlignInputMapping,
     LayAlignLayerFusion,
@@ -64,12 +64,15 @@ class LayAlignPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # Full checkpoints with per-layer gates: `legacy_layalign.load_gates_of_full_checkpoint` loads (or refuses) them.
+    _keys_to_ignore_on_load_unexpected = [PER_LAYER_GATES_PATTERN]
+    _keys_to_ignore_on_load_missing = [GATES_KEY_PATTERN]
 
     def _init_weights(self, module: nn.Module):
         if isinstance(module, LayAlignBoundary):
             init.zeros_(module.embedding)
-        elif isinstance(module, LayAlignGate):
-            init.zeros_(module.gate)
+        elif isinstance(module, LayAlignGates):
+            init.zeros_(module.weight)
         elif isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             init.zeros_(module.bias)
@@ -108,8 +111,8 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
     """An English-centric LLM that reads a multilingual encoder's view of the source text.
 
     Children: `encoder` and `llm` (the two pretrained models, frozen by default) and the LayAlign modules listed in
-    `layalign_module_names`: `input_mapping`, `boundary`, `fusion` and one `LayAlignGate` per adapted LLM layer in
-    `gates` (keyed by the layer's index). Build one for training with [`from_base_models`].
+    `layalign_module_names`: `input_mapping`, `boundary`, `fusion` and `gates` (one gate per adapted LLM
+    layer). Build one for training with [`from_base_models`].
     """
 
     layalign_module_names = ("input_mapping", "boundary", "fusion", "gates")

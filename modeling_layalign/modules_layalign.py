@@ -1,7 +1,7 @@
 """The trainable LayAlign modules: input mapping, boundary, layer-wise fusion and gates.
 
 These are the only parameters LayAlign trains (33.57M for mT5-xl + a 7B Llama, as in the paper). Their state-dict
-names (`input_mapping.up/down`, `boundary.embedding`, `fusion.layer_mix/projection/refine`, `gates.layers.<i>.gate`)
+names (`input_mapping.up/down`, `boundary.embedding`, `fusion.layer_mix/projection/refine`, `gates.weight`)
 are a public checkpoint format.
 """
 
@@ -76,54 +76,44 @@ class LayAlignLayerFusion(nn.Module):
         return fused
 
 
-class LayAlignGate(nn.Module):
-    """The learned scale of one adapted layer's fused branch; exactly zero at initialisation.
-
-    Reference code: `AdaptedAttention.adaption_gate` in `peft/src/peft/tuners/layalign_prompt/layer.py`.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.gate = nn.Parameter(torch.zeros(1))
-
-
 class LayAlignGates(nn.Module):
-    """One [`LayAlignGate`] per adapted LLM layer, in `layers`, keyed by the layer's index."""
+    """The learned scales of the fused branches, one per adapted LLM layer, in `weight`; exactly zero at init.
+
+    Reference code: `AdaptedAttention.adaption_gate` in `peft/src/peft/tuners/layalign_prompt/layer.py`, one `(1,)`
+    parameter in each adapted layer. One vector here, in the order of `adapted_llm_layers`: autograd stores the
+    gradient of every parameter with an operator of its own, 32 per training step over a 7B Llama
+    (`benchmarks/bench_ops.py`). Checkpoints written with one parameter per layer (`gates.layers.<i>.gate`, before
+    2026-12-05) load through [`stack_per_layer_gates`].
+    """
 
     def __init__(self, adapted_layers: list[int]):
         super().__init__()
-        self.layers = nn.ModuleDict({str(layer): LayAlignGate() for layer in adapted_layers})
+        self.adapted_layers = list(adapted_layers)
+        self.weight = nn.Parameter(torch.zeros(len(self.adapted_layers)))
+        self.register_load_state_dict_pre_hook(stack_per_layer_gates)
 
     def forward(self) -> torch.Tensor:
         """`(num_adapted_layers,)`, in the order of `adapted_llm_layers`.
 
-        Read through a call rather than by key, so that the gates work the same when peft wraps this module.
+        Read through a call rather than as an attribute, so that the gates work the same when peft wraps this module.
         """
-        return _StackedGates.apply(None, *(gate.gate for gate in self.layers.values())).view(-1)
+        return self.weight
 
     def source_scale(self) -> torch.Tensor:
         """`(2 * num_adapted_layers, 1)`: 1 for each adapted layer's key source and its gate for its value source,
         in the order of the fusion's sources (`2m`, `2m + 1`), so that one product scales every value source."""
-        gates = [gate.gate for gate in self.layers.values()]
-        return _StackedGates.apply(gates[0].new_ones(1), *gates)
+        return torch.stack([torch.ones_like(self.weight), self.weight], dim=1).view(-1, 1)
 
 
-class _StackedGates(torch.autograd.Function):
-    """The one-element gates stacked, `(M, 1)`, or with `one` before each, `(2M, 1)`; one `unbind` as the backward.
+PER_LAYER_GATE = "layers.{layer}.gate"
 
-    The backward of `torch.stack` (or `torch.cat`) is one select (or slice) per input: 32 operators or more per
-    training step over a 7B Llama, where one `unbind` gives every gate its gradient (`benchmarks/bench_ops.py`).
-    """
 
-    @staticmethod
-    def forward(ctx, one: torch.Tensor | None, *gates: torch.Tensor) -> torch.Tensor:
-        ctx.interleaved = one is not None
-        return torch.stack([scalar for gate in gates for scalar in (one, gate)] if ctx.interleaved else gates)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        gradients = grad.unbind(0)
-        return None, *(gradients[1::2] if ctx.interleaved else gradients)
+def stack_per_layer_gates(module: LayAlignGates, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: the gates of a checkpoint that holds one `(1,)` tensor per adapted layer
+    (`<prefix>layers.<i>.gate`) become the `(num_adapted_layers,)` vector `<prefix>weight`, in place."""
+    keys = [prefix + PER_LAYER_GATE.format(layer=layer) for layer in module.adapted_layers]
+    if prefix + "weight" not in state_dict and all(key in state_dict for key in keys):
+        state_dict[prefix + "weight"] = torch.cat([state_dict.pop(key).reshape(-1) for key in keys])
 
 
 @dataclass

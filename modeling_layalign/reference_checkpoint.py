@@ -24,9 +24,9 @@ How the reference layout maps onto this package (`modules_layalign.py`):
 - `encoder_aligner.projector.fc1` -> `fusion.layer_mix`, same row order: `EncoderAligner.reshape_past_key_values`
   splits the `2M` outputs into consecutive pairs, row `2m` the keys and `2m + 1` the values of the `m`-th adapted
   layer, as here. `fc2` -> `fusion.projection`, `fc3` (the "MLP" structure) -> `fusion.refine`.
-- `adaption_gate` of LLM layer `i` -> `gates.layers.<i>.gate`; the layers holding one are `adapted_llm_layers`. The
-  reference pairs fc1's rows with its `language_layers` list in list order; every script of the reference lists
-  them in increasing order, which is the order used here.
+- `adaption_gate` of LLM layer `i` -> entry `m` of `gates.weight`, `i` the `m`-th of `adapted_llm_layers` (the
+  layers holding one, in increasing order). The reference pairs fc1's rows with its `language_layers` list in list
+  order; every script of the reference lists them in increasing order, which is the order used here.
 - `fc1`'s input axis runs over `LayAlign.forward`'s `mt_encoder_outputs.hidden_states[i]` for `i` in the config's
   `encoder_layers` (`0..23` for the 24-layer mT5-xl in `finetune.py` and `run_evaluation.py`: the embedding output
   and the outputs of blocks 0..22, not the final output). That is this package's `fused_encoder_layers`, indexed
@@ -352,7 +352,8 @@ def layalign_config_kwargs(
 def rename_to_layalign(checkpoint: ReferenceCheckpoint) -> dict[str, str]:
     """This package's name -> the reference key (with its outer prefix) of every LayAlign tensor in the checkpoint."""
     names = {REFERENCE_TO_LAYALIGN[name]: _reference_key(checkpoint, name) for name in checkpoint.layalign}
-    names.update({f"gates.layers.{layer}.gate": key for layer, (key, _) in checkpoint.gates.items()})
+    if checkpoint.gates:
+        names["gates.weight"] = ", ".join(key for _, (key, _) in sorted(checkpoint.gates.items()))
     return names
 
 
@@ -369,7 +370,8 @@ def converted_tensors(checkpoint: ReferenceCheckpoint) -> dict[str, torch.Tensor
     boundary = tensors.get("boundary.embedding")
     if boundary is not None and boundary.dim() == 3 and boundary.shape[:2] == (1, 1):
         tensors["boundary.embedding"] = boundary.reshape(-1)
-    tensors.update({f"gates.layers.{layer}.gate": tensor for layer, (_, tensor) in checkpoint.gates.items()})
+    if checkpoint.gates:  # one `(1,)` gate per adapted layer there, one vector in the layers' order here
+        tensors["gates.weight"] = torch.cat([tensor.reshape(-1) for _, (_, tensor) in sorted(checkpoint.gates.items())])
     return tensors
 
 

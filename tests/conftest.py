@@ -92,8 +92,7 @@ def tiny_model(llm: str = "llama", encoder: str = "mt5", seed: int = 0, **config
 
 def set_gates(model: LayAlignForCausalLM, value: float) -> None:
     with torch.no_grad():
-        for gate in model.gates.layers.values():
-            gate.gate.fill_(value)
+        model.gates.weight.fill_(value)
 
 
 def encoder_pad_id(model: LayAlignForCausalLM) -> int:

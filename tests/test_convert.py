@@ -50,8 +50,8 @@ def reference_state_dict(model: LayAlignForCausalLM, dtype: torch.dtype = torch.
             key = f"model.layers.{match.group(1)}.self_attn.model.{match.group(2)}"
         state[f"model_llm.model.{key}"] = value
     state["llm_embedding_layer.weight"] = model.llm.get_input_embeddings().weight
-    for layer in sorted(adapted):
-        state[f"model_llm.model.model.layers.{layer}.self_attn.adaption_gate"] = model.gates.layers[str(layer)].gate
+    for slot, layer in enumerate(model.config.adapted_llm_layers if model.config.use_layer_fusion else []):
+        state[f"model_llm.model.model.layers.{layer}.self_attn.adaption_gate"] = model.gates.weight[slot : slot + 1]
     state.update(mapping_state_dict(model, prefix="mapping."))
     if model.fusion is not None:
         parts = {"fc1": model.fusion.layer_mix, "fc2": model.fusion.projection, "fc3": model.fusion.refine}

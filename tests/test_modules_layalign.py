@@ -1,25 +1,24 @@
-"""The trainable LayAlign modules on their own: the gates' custom backward against plain autograd."""
+"""The trainable LayAlign modules on their own: the gates' vector, its source scale, and gates stored per layer."""
 
 import torch
 
 from modeling_layalign.modules_layalign import LayAlignGates
 
 
-def test_the_gates_and_the_source_scale_have_the_gradients_of_a_plain_stack():
+def test_the_source_scale_puts_one_before_each_gate_and_passes_their_gradients():
     gates = LayAlignGates([0, 2, 5])
     with torch.no_grad():
-        for value, gate in zip((0.5, -1.0, 2.0), gates.layers.values()):
-            gate.gate.fill_(value)
-    weights = torch.tensor([3.0, 5.0, 7.0, 11.0, 13.0, 17.0])
-    loss = (gates() * weights[:3]).sum() + (gates.source_scale().view(-1) * weights).sum()
-    loss.backward()
-    received = [gate.gate.grad.item() for gate in gates.layers.values()]
-
-    plain = [gate.gate.detach().clone().requires_grad_() for gate in gates.layers.values()]
-    one = torch.ones(1)
-    interleaved = torch.stack([scalar for gate in plain for scalar in (one, gate)]).view(-1)
-    ((torch.stack(plain).view(-1) * weights[:3]).sum() + (interleaved * weights).sum()).backward()
-
-    assert gates().tolist() == [0.5, -1.0, 2.0]
+        gates.weight.copy_(torch.tensor([0.5, -1.0, 2.0]))
     assert gates.source_scale().view(-1).tolist() == [1.0, 0.5, 1.0, -1.0, 1.0, 2.0]
-    assert received == [gate.grad.item() for gate in plain] == [3.0 + 5.0, 5.0 + 11.0, 7.0 + 17.0]
+    (gates.source_scale().view(-1) * torch.tensor([3.0, 5.0, 7.0, 11.0, 13.0, 17.0])).sum().backward()
+    assert gates.weight.grad.tolist() == [5.0, 11.0, 17.0]
+
+
+def test_gates_stored_one_per_layer_load_in_the_order_of_the_adapted_layers():
+    """Checkpoints written before the gates became one vector hold `layers.<i>.gate`, one `(1,)` tensor each."""
+    gates = LayAlignGates([5, 0, 2])
+    per_layer = {"layers.2.gate": torch.tensor([0.2]), "layers.5.gate": torch.tensor([0.5]), "layers.0.gate": torch.tensor([0.0])}
+    result = gates.load_state_dict(per_layer)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(gates.weight, torch.tensor([0.5, 0.0, 0.2]))
+    assert list(gates.state_dict()) == ["weight"]
