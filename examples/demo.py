@@ -257,8 +257,11 @@ def main() -> None:
     with phase("examples"):
         for language in ("sw", "zh"):
             question = load_mgsm([language], limit=1)[0]["source"]
-            answer = layalign_generate(model, processor, [question], [MATH_PROMPT.format(query=question)], max_new_tokens=64)[0]
-            print(f"\n[{language}] {question}\n[LayAlign] {answer}")
+            print(f"\n[{language}] {question}")
+            for name, system in stage_two.items():
+                prompt = MATH_PROMPT.format(query=question)
+                answer = layalign_generate(system, processor, [question], [prompt], max_new_tokens=64)[0]
+                print(f"[LayAlign, {name}] {answer}")
 
     with phase("reload with trust_remote_code, in a process that cannot import this package"):
         batch = processor(["Bata wa Janet hutaga mayai 16 kila siku."], prompts=["Q:"])
