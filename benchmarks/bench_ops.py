@@ -37,10 +37,13 @@ cost a dispatch but no kernel launch. While a Python dispatch mode is active, au
 for the backward pass and some gradients it accumulates, which it does not otherwise: the `aten.detach` counts run
 high, for all three systems. `aten._local_scalar_dense` (`.item()`, `int(tensor)`, `bool(tensor)`) is a host-device
 synchronisation when the tensor is on a GPU (AdamW's per-parameter step counters stay on the CPU unless `capturable`
-or `fused`); its count is shown apart. `torch.profiler`'s count of `aten::` events (`--profiler`) also counts the
-composite operators and the operators they call, so it is larger; it is the count `common.print_profile` prints and
-issue 16 quotes (21,243 / 16,759 / 12,423 for one training step with the GPU's kernels; the CPU's kernels call other
-operators inside, so the CPU's profiler counts differ from those).
+or `fused`); its count is shown apart. Counted on the CPU, LayAlign's and MindMerger mode's training forward shows
+three: two are transformers' mask builders checking whether the padding mask can be skipped, one is the model's check
+that `labels` hold a target token, which reads the labels only when they are on the CPU (no sync on a GPU).
+`torch.profiler`'s count of `aten::` events (`--profiler`) also counts the composite operators and the operators they
+call, so it is larger; it is the count `common.print_profile` prints and issue 16 quotes (21,243 / 16,759 / 12,423 for
+one training step with the GPU's kernels; the CPU's kernels call other operators inside, so the CPU's profiler counts
+differ from those).
 """
 
 import contextlib

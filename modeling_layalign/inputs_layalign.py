@@ -54,8 +54,10 @@ def check_labels(labels: torch.Tensor, expected_shape: tuple[int, int]) -> None:
             f"`labels` has shape {tuple(labels.shape)}; it must match the text, {expected_shape} (batch, text_len), "
             "with -100 where no loss is wanted."
         )
-    # (Not while compiling: a branch on the labels' values would split the compiled graph.)
-    if not torch.compiler.is_compiling() and not (labels != -100).any():
+    # Read the labels' values only where that is free: on an accelerator it is a host-device sync that would stall
+    # every training step (the one this model would add to a step), and while compiling it would split the graph.
+    # Batches from `LayAlignProcessor` always keep a target token; `Trainer` counts targets on the CPU.
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling() and not (labels != -100).any():
         logger.warning_once(
             "`labels` hold no target token (all -100): the loss of this batch is not defined. Check that the "
             "targets survive truncation (`max_length`)."
