@@ -75,3 +75,9 @@ def test_sharded_training_matches_one_process(engine, tiny_base_folders, tmp_pat
         assert result["generate_equal"]
         assert result["resume_difference"] == 0.0
     assert results[0]["reload_logit_difference"] < 1e-5
+    # ZeRO-3's config turns `zero3_init_flag` on: the bases load already partitioned, so no process ever holds them
+    # whole (what lets a 70B LLM load on a machine whose CPU memory holds one copy, not eight). The other engines
+    # shard after loading.
+    for loading in ("loading", "reloading"):
+        held = [result[f"base_elements_held_after_{loading}"] for result in results]
+        assert held == [0, 0] if engine == "zero3" else min(held) > 0

@@ -8,7 +8,9 @@ it has some that runs on a CPU (accelerate itself routes CPU processes to DDP):
   the root, as accelerate's `fsdp2_prepare_model` does;
 - `fsdp1`: the same policy with `FullyShardedDataParallel(use_orig_params=True)`;
 - `zero2` / `zero3`: `configuration/accelerate/deepspeed_zero{2,3}.yaml` -> accelerate's `DeepSpeedPlugin` ->
-  `deepspeed.initialize` (`DS_ACCELERATOR=cpu`).
+  `deepspeed.initialize` (`DS_ACCELERATOR=cpu`). With the config's `zero3_init_flag` on, the plugin is registered
+  with transformers before any model is built, as `TrainingArguments` does under `accelerate launch`, so that
+  `from_base_models` loads every base weight already partitioned (`deepspeed.zero.Init`).
 
 Against an unsharded copy of the same model stepped in the same process, it measures and writes to
 `OUT/result-<rank>.json`: the loss of a step (each rank's half of the global batch, averaged) against the
@@ -16,7 +18,9 @@ single-process loss on the whole batch; the largest difference of a trainable pa
 it is the gradients' difference, clipped as the config clips); whether `generate` gives the same tokens; the logit
 difference of a LayAlign-only `save_pretrained` from the engine's gathered weights, reloaded with `from_pretrained`;
 and, after saving the engine's own training checkpoint (model and optimizer state) and taking a second step, the
-difference between that step and the same step taken by a fresh engine resumed from the checkpoint.
+difference between that step and the same step taken by a fresh engine, built from that LayAlign-only save and
+resumed from the checkpoint; and how many elements of the bases' weights each process held once the model was built,
+by `from_base_models` and by `from_pretrained` of the save (0 when they load partitioned).
 """
 
 import json
@@ -30,6 +34,7 @@ import torch.distributed as dist
 import yaml
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 from transformers import set_seed
+from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from modeling_layalign import LayAlignForCausalLM  # noqa: E402
@@ -78,14 +83,14 @@ def sgd(parameters) -> torch.optim.Optimizer:
 class Engine:
     """One model under one engine: step, gather, generate, save for `from_pretrained`, checkpoint and resume."""
 
-    def __init__(self, name: str, model: LayAlignForCausalLM):
+    def __init__(self, name: str, model: LayAlignForCausalLM, plugin=None):
         self.name, self.model = name, model
         self.clip = None
         if name.startswith("fsdp"):
             self._wrap_fsdp(accelerate_config(name)["fsdp_config"])
             self.optimizer = sgd(self.wrapped.parameters())
         else:
-            self._wrap_deepspeed(accelerate_config(name)["deepspeed_config"])
+            self._wrap_deepspeed(plugin)
 
     def _wrap_fsdp(self, fsdp_config: dict) -> None:
         from accelerate.utils import FullyShardedDataParallelPlugin
@@ -125,18 +130,9 @@ class Engine:
                 device_id=torch.device("cpu"),  # as accelerate passes its device; FSDP 1 needs it named on a CPU
             )
 
-    def _wrap_deepspeed(self, deepspeed_config: dict) -> None:
+    def _wrap_deepspeed(self, plugin) -> None:
         import deepspeed
-        from accelerate.utils import DeepSpeedPlugin
 
-        plugin = DeepSpeedPlugin(
-            zero_stage=deepspeed_config["zero_stage"],
-            gradient_clipping=deepspeed_config["gradient_clipping"],
-            offload_optimizer_device=deepspeed_config["offload_optimizer_device"],
-            offload_param_device=deepspeed_config["offload_param_device"],
-            zero3_init_flag=deepspeed_config["zero3_init_flag"],
-            zero3_save_16bit_model=deepspeed_config.get("zero3_save_16bit_model", False),
-        )
         config = fill_auto(plugin.deepspeed_config)
         self.clip = config.get("gradient_clipping")
         self.wrapped, self.optimizer, _, _ = deepspeed.initialize(
@@ -231,6 +227,31 @@ class Engine:
         )
 
 
+def deepspeed_plugin(engine: str):
+    """accelerate's `DeepSpeedPlugin` from the shipped config; with `zero3_init_flag` on, registered with transformers
+    (what `TrainingArguments` does under `accelerate launch`) so that `from_pretrained` partitions while it loads. The
+    plugin must stay alive for that."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    deepspeed_config = accelerate_config(engine)["deepspeed_config"]
+    plugin = DeepSpeedPlugin(
+        zero_stage=deepspeed_config["zero_stage"],
+        gradient_clipping=deepspeed_config["gradient_clipping"],
+        offload_optimizer_device=deepspeed_config["offload_optimizer_device"],
+        offload_param_device=deepspeed_config["offload_param_device"],
+        zero3_init_flag=deepspeed_config["zero3_init_flag"],
+        zero3_save_16bit_model=deepspeed_config.get("zero3_save_16bit_model", False),
+    )
+    if plugin.zero3_init_flag:
+        plugin.set_deepspeed_weakref()
+    return plugin
+
+
+def base_elements_held(model: LayAlignForCausalLM) -> int:
+    """Elements of the encoder's and the LLM's weights this process holds (a partitioned weight holds none)."""
+    return sum(parameter.numel() for name, parameter in model.named_parameters() if name.startswith(("encoder.", "llm.")))
+
+
 def fill_auto(config: dict) -> dict:
     """The values accelerate fills in for DeepSpeed's `"auto"` entries when it prepares the engine."""
     config = json.loads(json.dumps(config))
@@ -263,10 +284,20 @@ def largest_difference(first: dict[str, torch.Tensor], second: dict[str, torch.T
 
 
 def main(engine_name: str, encoder: str, llm: str, output_dir: Path) -> None:
-    dist.init_process_group("gloo")
+    plugin = None
+    if engine_name.startswith("zero"):
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")  # as accelerate sets DeepSpeed up
+    else:
+        dist.init_process_group("gloo")
     rank = dist.get_rank()
     reference = build_model(encoder, llm)
-    engine = Engine(engine_name, build_model(encoder, llm))
+    if engine_name.startswith("zero"):
+        plugin = deepspeed_plugin(engine_name)
+    model = build_model(encoder, llm)
+    held_after_loading = base_elements_held(model)
+    engine = Engine(engine_name, model, plugin)
     reference_optimizer = sgd(reference.parameters())
 
     first = global_batch(1)
@@ -285,7 +316,10 @@ def main(engine_name: str, encoder: str, llm: str, output_dir: Path) -> None:
     reload_difference = None
     if rank == 0:
         engine.model.save_pretrained(output_dir / "saved", state_dict=full_state)
+        unset_hf_deepspeed_config()  # one process reloads: not partitioned over all
         reloaded = LayAlignForCausalLM.from_pretrained(output_dir / "saved").eval()
+        if plugin is not None and plugin.zero3_init_flag:
+            set_hf_deepspeed_config(plugin.dschf)
         with torch.no_grad():
             reference.eval()
             reload_difference = (reloaded(**first).logits - reference(**first).logits).abs().max().item()
@@ -295,7 +329,11 @@ def main(engine_name: str, encoder: str, llm: str, output_dir: Path) -> None:
     second = global_batch(2)
     engine.step(second)
     continued = engine.trainable()
-    resumed = Engine(engine_name, build_model(encoder, llm))
+    dist.barrier()  # rank 0 has saved
+    # The resumed run starts from the LayAlign-only checkpoint, as stage 2 starts from stage 1 (`--init_from`).
+    restarted = LayAlignForCausalLM.from_pretrained(output_dir / "saved").train()
+    held_after_reloading = base_elements_held(restarted)
+    resumed = Engine(engine_name, restarted, plugin)
     resumed.load_checkpoint(output_dir / "checkpoint")
     resumed.step(second)
     resume_difference = largest_difference(resumed.trainable(), continued)
@@ -307,6 +345,8 @@ def main(engine_name: str, encoder: str, llm: str, output_dir: Path) -> None:
         "generate_equal": generate_equal,
         "reload_logit_difference": reload_difference,
         "resume_difference": resume_difference,
+        "base_elements_held_after_loading": held_after_loading,
+        "base_elements_held_after_reloading": held_after_reloading,
     }
     (output_dir / f"result-{rank}.json").write_text(json.dumps(result))
     dist.barrier()
