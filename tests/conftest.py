@@ -1,6 +1,7 @@
 """Tiny random models built from configs (width 32, two layers), as transformers' own tests build them."""
 
 import os
+from pathlib import Path
 
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -142,22 +143,28 @@ def train_tiny_tokenizer(vocab_size: int, special_tokens: list[str], bos: str | 
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_base_folders(tmp_path_factory) -> dict[str, str]:
-    """Tiny mT5 (as a seq2seq checkpoint) and Llama folders, each with a matching tokenizer."""
+def save_tiny_bases(root: Path, tie_word_embeddings: bool = False) -> dict[str, str]:
+    """Saves a tiny mT5 (as a seq2seq checkpoint) and a tiny Llama under `root`, each with a matching tokenizer."""
     from transformers import AutoModelForCausalLM, MT5ForConditionalGeneration
 
-    root = tmp_path_factory.mktemp("bases")
     torch.manual_seed(0)
     encoder = MT5ForConditionalGeneration(ENCODER_CONFIGS["mt5"]())
     encoder.save_pretrained(root / "mt5")
     train_tiny_tokenizer(ENCODER_VOCAB, ["<pad>", "</s>", "<unk>"], None, "</s>", wrap=True).save_pretrained(root / "mt5")
-    llm = AutoModelForCausalLM.from_config(LLM_CONFIGS["llama"]())
+    llm_config = LLM_CONFIGS["llama"]()
+    llm_config.tie_word_embeddings = tie_word_embeddings
+    llm = AutoModelForCausalLM.from_config(llm_config)
     llm.save_pretrained(root / "llama")
     train_tiny_tokenizer(LLM_VOCAB, ["<pad>", "<s>", "</s>", "<unk>"], "<s>", "</s>", wrap=False).save_pretrained(
         root / "llama"
     )
     return {"encoder": str(root / "mt5"), "llm": str(root / "llama")}
+
+
+@pytest.fixture(scope="session")
+def tiny_base_folders(tmp_path_factory) -> dict[str, str]:
+    """Tiny mT5 and Llama folders (see `save_tiny_bases`)."""
+    return save_tiny_bases(tmp_path_factory.mktemp("bases"))
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,9 @@ ENCODER and LLM folders. The engine is set up from the shipped accelerate config
 it has some that runs on a CPU (accelerate itself routes CPU processes to DDP):
 
 - `fsdp2`: `configuration/accelerate/fsdp.yaml` -> accelerate's `FullyShardedDataParallelPlugin` and its
-  transformer-based wrap policy (every class in the model's `_no_split_modules`) -> `fully_shard` on each unit, then
-  the root, as accelerate's `fsdp2_prepare_model` does;
+  transformer-based wrap policy (every class in the model's `_no_split_modules`) -> accelerate's own
+  `fsdp2_prepare_model` (`fully_shard` on each unit, on the input embeddings, on the final norm with the output
+  layer, then the root);
 - `fsdp1`: the same policy with `FullyShardedDataParallel(use_orig_params=True)`;
 - `zero2` / `zero3`: `configuration/accelerate/deepspeed_zero{2,3}.yaml` -> accelerate's `DeepSpeedPlugin` ->
   `deepspeed.initialize` (`DS_ACCELERATOR=cpu`). With the config's `zero3_init_flag` on, the plugin is registered
@@ -28,6 +29,7 @@ import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -110,11 +112,19 @@ class Engine:
         units = [module for module in self.model.modules() if policy(module)]
         assert units, "the shipped FSDP config wraps no module of this model"
         if self.name == "fsdp2":
-            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+            from torch.distributed.fsdp import register_fsdp_forward_method
 
-            for module in units:
-                fully_shard(module, reshard_after_forward=plugin.reshard_after_forward)
-            fully_shard(self.model, reshard_after_forward=plugin.reshard_after_forward)
+            # accelerate's own preparation, which `Trainer` runs: it reads these five attributes of the accelerator.
+            # Full precision here, so that the step can be compared with one process exactly.
+            accelerator = SimpleNamespace(
+                state=SimpleNamespace(fsdp_plugin=plugin),
+                mixed_precision="no",
+                is_main_process=dist.get_rank() == 0,
+                device=torch.device("cpu"),
+                torch_device_mesh=None,
+            )
+            self.model = fsdp2_prepare_model(accelerator, self.model)
             register_fsdp_forward_method(self.model, "generate")
             self.wrapped = self.model
         else:
