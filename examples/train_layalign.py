@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArgum
 from transformers.utils import logging
 
 from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
-from modeling_layalign.checkpoint_layalign import check_training_checkpoint
+from modeling_layalign.bases_layalign import check_training_checkpoint
 from modeling_layalign.data import (
     MATH_PROMPT,
     PAIR_LANGUAGES,

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging
 
-from .checkpoint_layalign import evenly_spaced_positions
+from .bases_layalign import evenly_spaced_positions
 from .configuration_layalign import LayAlignConfig
 from .modeling_layalign import LayAlignForCausalLM
 from .processing_layalign import LayAlignProcessor

@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from modeling_layalign import LayAlignForCausalLM
-from modeling_layalign.checkpoint_layalign import evenly_spaced_positions
+from modeling_layalign.bases_layalign import evenly_spaced_positions
 
 from .conftest import ENCODER_CONFIGS, LLM_CONFIGS, LLM_PAD, LLM_VOCAB, ENCODER_VOCAB, pad, random_ids, set_gates, tiny_model
 
@@ -336,7 +336,7 @@ def test_a_failure_between_the_folder_renames_puts_the_old_checkpoint_back(tmp_p
             raise OSError("power cut")
         os.rename(source, destination)
 
-    monkeypatch.setattr("modeling_layalign.checkpoint_layalign.os.replace", crash_on_the_second_rename)
+    monkeypatch.setattr("modeling_layalign.saving_layalign.os.replace", crash_on_the_second_rename)
     set_gates(model, 5.0)
     with pytest.raises(OSError, match="power cut"):
         model.save_pretrained(tmp_path / "checkpoint")
