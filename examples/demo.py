@@ -31,14 +31,12 @@ from modeling_layalign.data import (
 )
 from modeling_layalign.evaluation import (
     alignment_scores,
-    answer_ladder,
     is_correct_number,
     layalign_generate,
     llm_generate,
-    llm_rungs,
     llm_target_loss,
-    load_mgsm_with_answers,
 )
+from modeling_layalign.ladder import answer_ladder, llm_rungs, load_mgsm_with_answers
 from modeling_layalign.monitoring import mapping_statistics
 
 import train_layalign

@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 from modeling_layalign.data import default_data_dir
-from modeling_layalign.evaluation import BENCHMARKS, MGSM_DEFAULT_LANGUAGES, paper_table, run_benchmark, score
+from modeling_layalign.paper_benchmarks import BENCHMARKS, MGSM_DEFAULT_LANGUAGES, paper_table, run_benchmark, score
 
 
 def parse_generation_overrides(pairs: list[str]) -> dict:

@@ -1,17 +1,11 @@
 """Scoring helpers: number extraction, per-token losses and batched generation, on tiny models."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
-from modeling_layalign.data import default_data_dir
 from modeling_layalign.evaluation import (
-    BENCHMARKS,
     alignment_scores,
     number_recall,
     extract_last_number,
@@ -20,8 +14,6 @@ from modeling_layalign.evaluation import (
     layalign_target_loss,
     llm_generate,
     llm_target_loss,
-    paper_table,
-    score,
 )
 
 
@@ -121,138 +113,3 @@ def test_llm_generate_pads_left_and_restores_the_tokenizer(model_and_processor):
     alone = [llm_generate(model.llm, tokenizer, [prompt], max_new_tokens=4)[0] for prompt in ["Q: Natalia sold", "Q:"]]
     assert batched == alone
     assert tokenizer.padding_side == "right"
-
-
-# -- benchmarks ---------------------------------------------------------------------------------------------------------
-
-
-def write_xcsqa(root: Path) -> None:
-    for language, stem in (("sw", "Ni wapi unaweza kupata kitabu?"), ("en", "Where can you find a book?")):
-        folder = root / "x-csqa" / language
-        folder.mkdir(parents=True)
-        rows = [
-            {
-                "id": f"{language}-{index}",
-                "question": {"stem": stem, "choices": [{"label": l, "text": t} for l, t in zip("ABC", ("library", "sea", "sky"))]},
-                "answerKey": "A",
-            }
-            for index in range(3)
-        ]
-        (folder / "dev.jsonl").write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows))
-
-
-def write_xnli(root: Path, wrapped: bool) -> None:
-    rows = [
-        {"language": language, "sentence1": f"premise {index}", "sentence2": f"hypothesis {index}", "label": label}
-        for language in ("sw", "de")
-        for index, label in enumerate(("entailment", "neutral"))
-    ]
-    (root / "xnli").mkdir(parents=True)
-    (root / "xnli" / "test.json").write_text(json.dumps({"data": rows} if wrapped else rows))
-
-
-def test_xcsqa_loader_letters_the_choices(tmp_path):
-    write_xcsqa(tmp_path)
-    rows = BENCHMARKS["xcsqa"].load(tmp_path, ["sw", "en"], 2)
-    assert len(rows) == 4 and rows[0]["language"] == "sw" and rows[0]["answer"] == "A"
-    assert rows[2]["source"] == "Where can you find a book?\nOptions:A. library\tB. sea\tC. sky"
-    prompt = BENCHMARKS["xcsqa"].prompt_template.format(query=rows[2]["source"])
-    assert prompt.endswith("C. sky\nAnswer:")
-
-
-@pytest.mark.parametrize("wrapped", [False, True])
-def test_xnli_loader_reads_both_file_shapes(tmp_path, wrapped):
-    write_xnli(tmp_path, wrapped)
-    rows = BENCHMARKS["xnli"].load(tmp_path, ["de"], None)
-    assert rows["answer"] == ["entailment", "neutral"]
-    assert rows[0]["source"] == "Premise: premise 0\nHypothesis: hypothesis 0"
-
-
-def test_shipped_math_benchmarks_load():
-    mgsm = BENCHMARKS["mgsm"].load(default_data_dir(), ["sw", "te"], 3)
-    assert len(mgsm) == 6 and mgsm[0]["answer"] == "18"
-    msvamp = BENCHMARKS["msvamp"].load(default_data_dir(), ["sw", "zh"], 3)
-    assert len(msvamp) == 6 and msvamp[0]["answer"] == "8.0" and msvamp[0]["source"].startswith("Julia alicheza")
-    with pytest.raises(ValueError, match=r"MSVAMP has no languages \['te'\]"):
-        BENCHMARKS["msvamp"].load(default_data_dir(), ["te"], 1)
-
-
-@pytest.mark.parametrize(
-    "prediction,gold,benchmark,expected",
-    [
-        (" B. sea", "B", "xcsqa", True),
-        ("(C)", "C", "xcsqa", True),
-        ("Answer: A", "A", "xcsqa", False),
-        ("Entailment.", "entailment", "xnli", True),
-        ("neutral, because", "contradiction", "xnli", False),
-        ("", "neutral", "xnli", False),
-    ],
-)
-def test_choice_and_label_scoring(prediction, gold, benchmark, expected):
-    assert BENCHMARKS[benchmark].is_correct(prediction, gold) is expected
-
-
-def test_score_and_paper_table_compute_the_averages():
-    examples = Dataset.from_dict(
-        {"language": ["bn", "bn", "sw", "de", "en"], "source": ["q"] * 5, "answer": ["1", "2", "3", "4", "5"]}
-    )
-    result = score(BENCHMARKS["mgsm"], examples, ["1", "0", "The answer is 3", "4", "no idea"])
-    assert result["per_language"] == {
-        "bn": {"accuracy": 50.0, "n": 2},
-        "sw": {"accuracy": 100.0, "n": 1},
-        "de": {"accuracy": 100.0, "n": 1},
-        "en": {"accuracy": 0.0, "n": 1},
-    }
-    assert result["examples"][2]["prediction"] == 3.0 and result["examples"][4]["prediction"] is None
-    table = paper_table(BENCHMARKS["mgsm"], {"LayAlign": result["per_language"]}).splitlines()
-    assert [cell.strip() for cell in table[0].strip("|").split("|")] == ["system", "Avg", "Lrl", "Hrl", "bn", "sw", "de", "en"]
-    # Avg over the 4 languages, Lrl = mean(bn, sw), Hrl = mean(de, en).
-    assert [cell.strip() for cell in table[2].strip("|").split("|")] == ["LayAlign", "62.5", "75.0", "50.0", "50.0", "100.0", "100.0", "0.0"]
-
-
-def test_mgsm_with_answers_pairs_each_question_with_the_gsm8k_chain_of_thought_it_translates():
-    from modeling_layalign.evaluation import load_mgsm_with_answers
-
-    examples = load_mgsm_with_answers(["sw", "te"], limit=3)
-    assert examples["language"] == ["sw"] * 3 + ["te"] * 3
-    gsm8k = [json.loads(line) for line in (default_data_dir() / "gsm8k" / "test.jsonl").read_text().splitlines()[:3]]
-    assert examples["english"][:3] == examples["english"][3:]
-    assert examples["target"][1].endswith(f"The answer is: {gsm8k[1]['answer'].split('####')[1].strip()}")
-    assert "<<" not in examples["target"][0]
-    assert examples["source"][0] != examples["english"][0] and examples["source"][0] != examples["source"][3]
-
-
-def test_answer_ladder_measures_the_four_readings(model_and_processor):
-    from modeling_layalign.data import MATH_PROMPT
-    from modeling_layalign.evaluation import LadderRung, answer_ladder, llm_rungs
-
-    model, processor = model_and_processor
-    examples = Dataset.from_dict(
-        {
-            "language": ["de", "de", "sw", "sw"],
-            "source": [SOURCES[0], "Weng verdient 12 Dollar", SOURCES[1], "Weng anapata dola 12"],
-            "english": ["Natalia sold 48 clips.", "Weng earns $12", "Janet's ducks lay 16 eggs.", "Weng earns $12"],
-            "target": ["She sold 48.\nThe answer is: 48", "12 dollars.\nThe answer is: 12"] * 2,
-        }
-    )
-    ladder = answer_ladder(model, processor, examples)
-    de = examples.select(range(2))
-    prompts = [MATH_PROMPT.format(query=query) for query in de["source"]]
-    english = llm_target_loss(model.llm, processor.tokenizer, [MATH_PROMPT.format(query=q) for q in de["english"]], de["target"])
-    assert ladder["de"].english == pytest.approx(english)
-    assert ladder["de"].llm == pytest.approx(llm_target_loss(model.llm, processor.tokenizer, prompts, de["target"]))
-    assert ladder["de"].layalign == pytest.approx(
-        layalign_target_loss(model, processor, de["source"], de["target"], prompts=prompts)
-    )
-    swapped = layalign_target_loss(model, processor, de["source"][::-1], de["target"], prompts=prompts)
-    assert ladder["de"].shuffled == pytest.approx(swapped)
-    assert ladder["de"].gap == pytest.approx(swapped - ladder["de"].layalign)
-    assert ladder.keys() == {"de", "sw"}
-    # precomputed LLM-alone rungs are used as given
-    rungs = llm_rungs(model.llm, processor.tokenizer, examples)
-    assert rungs["sw"] == pytest.approx((ladder["sw"].english, ladder["sw"].llm))
-    rung = LadderRung(english=1.0, llm=3.0, layalign=2.0, shuffled=2.5)
-    assert (rung.gap, rung.share_closed, rung.share_closed_shuffled) == (0.5, 0.5, 0.25)
-    assert LadderRung(english=1.0, llm=3.0).to_dict()["share_closed"] is None
-    with pytest.raises(ValueError, match="shuffles sources"):
-        answer_ladder(model, processor, examples.select([0, 2]), rungs)

@@ -4,7 +4,8 @@ scoring functions of `modeling_layalign.evaluation` do."""
 import pytest
 import sacrebleu
 
-from modeling_layalign.evaluation import BENCHMARKS, METRICS_DIR, load_metric
+from modeling_layalign.evaluation import METRICS_DIR, load_metric
+from modeling_layalign.paper_benchmarks import BENCHMARKS
 
 
 evaluate = pytest.importorskip("evaluate")
