@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check: on one machine with an NVIDIA GPU and no network (the steps' time limits add up to 14 minutes), run the GPU tests
+# The GPU check: on one machine with an NVIDIA GPU and no network (the steps' time limits add up to 16 minutes), run the GPU tests
 # (`pytest -m gpu`: bf16 against fp32, compiled static-cache decoding, SDPA against eager, flash attention when
 # installed, a bf16 training run) and the benchmarks with the `paper` preset (mT5-xl encoder + Llama-2-7B at random
-# init, bf16), eager and with compiled decoding, writing logs and JSON results.
+# init, bf16), eager and with compiled decoding, and one training step under FSDP 2 and DeepSpeed ZeRO-2 on the one
+# GPU (`bench_engines.py`), writing logs and JSON results.
 #
 #   bash benchmarks/gpu_check.sh [WHEEL_DIR] [RESULTS_DIR]
 #
@@ -10,6 +11,9 @@
 # and an older transformers preinstalled); they are installed into a temporary folder put first on PYTHONPATH, the
 # package itself is read from this checkout. Fetch them where there is a network, e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl transformers==5.24.0
+# and, for the ZeRO-2 step (skipped without it), deepspeed's pure-Python wheel with the dependencies the machine lacks:
+#   pip wheel --no-deps -w .whl deepspeed==0.19.8
+#   pip download --no-deps --only-binary=:all: -d .whl hjson py-cpuinfo ninja einops msgpack
 # RESULTS_DIR defaults to $OUT, else gpu_results. PRESET=tiny runs the same steps in seconds (a dry run).
 # Exits non-zero if any step failed; every step still runs.
 set -uo pipefail
@@ -50,6 +54,7 @@ run gpu_tests 150 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_g
 run bench_train 120 "$PYTHON" benchmarks/bench_train.py --preset "$PRESET" --profile --json "$RESULTS/train.json"
 run bench_generate 260 "$PYTHON" benchmarks/bench_generate.py --preset "$PRESET" --repeats 3 --profile --json "$RESULTS/generate.json"
 run bench_checkpoint 60 "$PYTHON" benchmarks/bench_checkpoint.py --preset "$PRESET" --json "$RESULTS/checkpoint.json"
+run bench_engines 150 "$PYTHON" benchmarks/bench_engines.py --preset "$PRESET" --repeats 3 --json "$RESULTS/engines.json"
 # Last, as compiling the decoding step of three models takes minutes: static caches, compiled steps (CUDA graphs).
 run bench_generate_static 240 "$PYTHON" benchmarks/bench_generate.py --preset "$PRESET" --repeats 3 --static_cache --json "$RESULTS/generate_static.json"
 

@@ -3,9 +3,14 @@ mean nothing; the benchmarks exist to be run by hand and by `benchmarks/gpu_chec
 
 import importlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from .test_scaling import free_port
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -62,3 +67,17 @@ def test_operator_count_benchmark_counts_the_three_systems(benchmark_module, cap
     # Counted, not timed: the fused branch and the input mapping add operators to the LLM's own.
     assert totals["LayAlign"]["step"] >= totals["MindMerger mode"]["step"] >= totals["LLM alone"]["step"]
     assert {target["phase"] for target in results["targets"]} == {"training step", "prefill", "decoding step"}
+
+
+def test_engine_benchmark_runs_each_engine_on_the_same_step(tmp_path):
+    # In its own process: it starts a process group (world size 1, gloo here) and DeepSpeed keeps global state.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "MASTER_PORT": free_port()}
+    result = subprocess.run(
+        [sys.executable, "bench_engines.py", "--preset", "tiny", "--repeats", "1", "--json", str(tmp_path / "r.json")],
+        cwd=BENCHMARKS, capture_output=True, text=True, timeout=600, env=environment,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stage-1 training step under each engine" in result.stdout
+    results = json.loads((tmp_path / "r.json").read_text())
+    losses = [results[engine]["first_loss"] for engine in ("unwrapped", "FSDP 2", "ZeRO-2")]
+    assert losses == pytest.approx([losses[0]] * 3, rel=1e-6)  # same seed, same batch, same step
