@@ -1,13 +1,13 @@
 """Choice accuracy: a local `evaluate` metric, read offline with `evaluate.load("metrics/choice_accuracy")`."""
 
-import datasets
-import evaluate
-
+from modeling_layalign import accuracy_metric
 from modeling_layalign.evaluation import is_correct_choice
 
 
-_DESCRIPTION = "X-CSQA scoring: the answer letter each output starts with against the gold letter."
-_KWARGS_DESCRIPTION = """
+class ChoiceAccuracy(accuracy_metric.AccuracyMetric):
+    is_correct = staticmethod(is_correct_choice)
+    rule = "X-CSQA scoring: the answer letter each output starts with against the gold letter."
+    usage = """
 Args:
     predictions (`list[str]`): the model's outputs.
     references (`list[str]`): the gold letters.
@@ -18,17 +18,3 @@ Examples:
     >>> metric.compute(predictions=["B. a river", "(C)"], references=["B", "D"])
     {'accuracy': 0.5}
 """
-
-
-class ChoiceAccuracy(evaluate.Metric):
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-        )
-
-    def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:
-        hits = [is_correct_choice(prediction, reference) for prediction, reference in zip(predictions, references)]
-        return {"accuracy": sum(hits) / len(hits) if hits else 0.0}

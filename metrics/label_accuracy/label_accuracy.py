@@ -1,13 +1,13 @@
 """Label accuracy: a local `evaluate` metric, read offline with `evaluate.load("metrics/label_accuracy")`."""
 
-import datasets
-import evaluate
-
+from modeling_layalign import accuracy_metric
 from modeling_layalign.evaluation import is_correct_label
 
 
-_DESCRIPTION = "XNLI scoring: each output's first word, case and punctuation ignored, against the gold label."
-_KWARGS_DESCRIPTION = """
+class LabelAccuracy(accuracy_metric.AccuracyMetric):
+    is_correct = staticmethod(is_correct_label)
+    rule = "XNLI scoring: each output's first word, case and punctuation ignored, against the gold label."
+    usage = """
 Args:
     predictions (`list[str]`): the model's outputs.
     references (`list[str]`): the gold label words.
@@ -18,17 +18,3 @@ Examples:
     >>> metric.compute(predictions=["Entailment.", "neutral"], references=["entailment", "contradiction"])
     {'accuracy': 0.5}
 """
-
-
-class LabelAccuracy(evaluate.Metric):
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-        )
-
-    def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:
-        hits = [is_correct_label(prediction, reference) for prediction, reference in zip(predictions, references)]
-        return {"accuracy": sum(hits) / len(hits) if hits else 0.0}

@@ -1,13 +1,13 @@
 """Last-number accuracy: a local `evaluate` metric, read offline with `evaluate.load("metrics/last_number_accuracy")`."""
 
-import datasets
-import evaluate
-
+from modeling_layalign import accuracy_metric
 from modeling_layalign.evaluation import is_correct_number
 
 
-_DESCRIPTION = "Math scoring as in the paper (MGSM, MSVAMP): the last number of each output against the gold number."
-_KWARGS_DESCRIPTION = """
+class LastNumberAccuracy(accuracy_metric.AccuracyMetric):
+    is_correct = staticmethod(is_correct_number)
+    rule = "Math scoring as in the paper (MGSM, MSVAMP): the last number of each output against the gold number."
+    usage = """
 Args:
     predictions (`list[str]`): the model's outputs.
     references (`list[str]`): the gold numbers, as text.
@@ -18,17 +18,3 @@ Examples:
     >>> metric.compute(predictions=["so 9 - 3 = 6. The answer is: 6", "The answer is 7"], references=["6", "8"])
     {'accuracy': 0.5}
 """
-
-
-class LastNumberAccuracy(evaluate.Metric):
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-        )
-
-    def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:
-        hits = [is_correct_number(prediction, reference) for prediction, reference in zip(predictions, references)]
-        return {"accuracy": sum(hits) / len(hits) if hits else 0.0}
