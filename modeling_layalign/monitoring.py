@@ -6,6 +6,9 @@ failure measured on the demo models, where the mean cosine between different sou
 The training loss does not show this; the statistics here do.
 """
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -43,13 +46,22 @@ def mapping_statistics(model, processor, sources=PROBE_SOURCES) -> dict[str, flo
         tokens grow far beyond the embeddings has left the space the LLM reads); `gate_mean_abs` / `gate_max_abs`:
         the magnitude of the fused branches' gates (absent without layer fusion). Without input mapping only the
         gates are reported.
+
+    Under FSDP or DeepSpeed ZeRO-3 every process must call it at once: the weights are gathered (see
+    [`whole_weights`]).
     """
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
     if len(sources) < 2:
         raise ValueError(f"`sources` must hold at least two texts to compare, got {len(sources)}.")
+    with whole_weights(model) as model:
+        return _statistics(model, processor, sources)
+
+
+def _statistics(model, processor, sources) -> dict[str, float]:
     statistics = {}
     if model.gates is not None:
-        gates = model.gates().float().abs()
+        # The parameter, not the module's call: under ZeRO-3 a module that returns its own weight hands back an
+        # empty tensor once its forward hooks have run. (Under peft, `weight` is the trained copy's.)
+        gates = model.gates.weight.detach().float().abs()
         statistics["gate_mean_abs"] = gates.mean().item()
         statistics["gate_max_abs"] = gates.max().item()
     if model.input_mapping is None:
@@ -73,6 +85,45 @@ def mapping_statistics(model, processor, sources=PROBE_SOURCES) -> dict[str, flo
     return statistics
 
 
+@contextlib.contextmanager
+def whole_weights(model) -> Iterator:
+    """Yields the `LayAlignForCausalLM` inside `model` (a peft model, an FSDP 1 wrapper) with the weights that
+    [`mapping_statistics`] reads whole on this process; every process of a sharded run must enter it together.
+
+    Outside `forward`, a sharded model holds only this process's shard of a weight: DeepSpeed ZeRO-3 gathers a
+    module's weights when the module is called, so the LayAlign modules and the input embeddings, read here directly,
+    are gathered explicitly; FSDP 2 gathers a unit's weights in that unit's forward, so the root unit (the LayAlign
+    modules, the encoder's embeddings) and the LLM's input embeddings are unsharded for the measurement, and each
+    encoder block gathers its own when the encoder runs; FSDP 1 gathers every weight (`summon_full_params`).
+    """
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+            with whole_weights(model.module) as unwrapped:
+                yield unwrapped
+        return
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if any(hasattr(parameter, "ds_id") for parameter in model.parameters()):
+        import deepspeed
+
+        read = [model.get_input_embeddings().weight]
+        for name in model.layalign_module_names:
+            if (module := getattr(model, name)) is not None:
+                read.extend(module.parameters())
+        with deepspeed.zero.GatheredParameters(read):
+            yield model
+        return
+    units = [module for module in (model, model.get_input_embeddings()) if isinstance(module, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
 class MappingCollapseCallback(TrainerCallback):
     """Logs [`mapping_statistics`] at every logging step and warns once when the mapping has collapsed.
 
@@ -93,9 +144,11 @@ class MappingCollapseCallback(TrainerCallback):
         self._pending: dict[str, float] = {}
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        # DefaultFlowCallback, first in the list, has just decided whether this step logs.
-        if control.should_log and state.is_world_process_zero:
-            self._pending = self.measure(kwargs["model"], self.processor or kwargs.get("processing_class"))
+        # DefaultFlowCallback, first in the list, has just decided whether this step logs. Every process measures:
+        # under FSDP and ZeRO-3 the weights are gathered, which takes all of them.
+        if control.should_log:
+            processor = self.processor or kwargs.get("processing_class")
+            self._pending = self.measure(kwargs["model"], processor, warn=state.is_world_process_zero)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if not self._pending or logs is None or "loss" not in logs:
@@ -106,11 +159,11 @@ class MappingCollapseCallback(TrainerCallback):
         if state.log_history:
             state.log_history[-1].update(measured)
 
-    def measure(self, model, processor) -> dict[str, float]:
-        """The statistics now, with the one-time warning when the mapping has collapsed."""
+    def measure(self, model, processor, warn: bool = True) -> dict[str, float]:
+        """The statistics now, with the one-time warning (where `warn`) when the mapping has collapsed."""
         statistics = mapping_statistics(model, processor, self.sources)
         cosine = statistics.get("source_cosine")
-        if cosine is not None and cosine >= self.collapse_cosine and not self.warned:
+        if warn and cosine is not None and cosine >= self.collapse_cosine and not self.warned:
             self.warned = True
             logger.warning(
                 f"The input mapping has collapsed: the mapped tokens of different sources have mean cosine "

@@ -1,7 +1,8 @@
-"""LayAlign under the engines its users scale out with, each with 2 CPU processes over gloo, on tiny bases: DDP
-through `accelerate launch` with the shipped configs, and FSDP 2, FSDP 1, DeepSpeed ZeRO-2 and ZeRO-3 through
-`tests/distributed/engine_worker.py`, which sets each engine up from its shipped accelerate config (accelerate itself
-runs only DDP on CPU processes). Every shipped accelerate config runs here."""
+"""LayAlign under the engines its users scale out with, each with 2 CPU processes over gloo, on tiny bases: the
+training script under `accelerate launch` with the shipped DDP and DeepSpeed configs (DeepSpeed runs on CPU processes
+when the Trainer is given `--ddp_backend gloo` instead of `--use_cpu`), and FSDP 2, FSDP 1, DeepSpeed ZeRO-2 and
+ZeRO-3 through `tests/distributed/engine_worker.py`, which sets each engine up from its shipped accelerate config
+(accelerate runs FSDP only on accelerators). Every shipped accelerate config runs here."""
 
 import json
 import os
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -23,6 +26,7 @@ from tests.test_train_layalign import arguments, logged_losses  # noqa: E402
 WORKER = REPOSITORY / "tests" / "distributed" / "engine_worker.py"
 ENGINE_CONFIGS = {"fsdp2": "fsdp.yaml", "fsdp1": "fsdp1.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}
 LAUNCHED_CONFIGS = {"cpu_ddp.yaml": 2, "multi_gpu_ddp.yaml": 2, "single_gpu.yaml": 1}
+DEEPSPEED_CONFIGS = ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml")
 
 
 def free_port() -> str:
@@ -35,9 +39,18 @@ def run(command: list[str]) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
+def launch(config: str, processes: int, script_arguments: list[str]) -> None:
+    run([
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPOSITORY / "configuration" / "accelerate" / config),
+        "--num_processes", str(processes), "--mixed_precision", "no", "--main_process_port", free_port(),
+        str(REPOSITORY / "examples" / "train_layalign.py"), *script_arguments,
+    ])  # fmt: skip
+
+
 def test_every_shipped_accelerate_config_runs_here():
     shipped = {path.name for path in (REPOSITORY / "configuration" / "accelerate").glob("*.yaml")}
-    assert shipped == set(ENGINE_CONFIGS.values()) | set(LAUNCHED_CONFIGS)
+    assert shipped == set(ENGINE_CONFIGS.values()) | set(LAUNCHED_CONFIGS) | set(DEEPSPEED_CONFIGS)
 
 
 @pytest.mark.parametrize("config", sorted(LAUNCHED_CONFIGS))
@@ -45,13 +58,11 @@ def test_accelerate_launch_matches_one_process(config, tiny_base_folders, tmp_pa
     processes = LAUNCHED_CONFIGS[config]
     common = ("--stage", "1", "--save_strategy", "no", "--encoder_dropout_in_training", "False", "--seed", "3")
     train_layalign.main(arguments(tiny_base_folders, tmp_path / "one", *common))
-    run([
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPOSITORY / "configuration" / "accelerate" / config),
-        "--num_processes", str(processes), "--mixed_precision", "no", "--main_process_port", free_port(),
-        str(REPOSITORY / "examples" / "train_layalign.py"),
-        *arguments(tiny_base_folders, tmp_path / "launched", *common, "--per_device_train_batch_size", str(4 // processes)),
-    ])  # fmt: skip
+    launch(
+        config,
+        processes,
+        arguments(tiny_base_folders, tmp_path / "launched", *common, "--per_device_train_batch_size", str(4 // processes)),
+    )
     state = json.loads((tmp_path / "launched" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     one, launched = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "launched")
@@ -59,6 +70,33 @@ def test_accelerate_launch_matches_one_process(config, tiny_base_folders, tmp_pa
     # Same seed, same examples per step, every target token counted across the processes: only the order of float
     # reductions differs (measured: relative differences below 1e-7).
     assert launched == pytest.approx(one, rel=1e-5)
+
+
+@pytest.mark.parametrize("config", DEEPSPEED_CONFIGS)
+def test_trainer_under_deepspeed_matches_one_process_and_resumes_exactly(config, tiny_base_folders, tmp_path):
+    common = ("--stage", "1", "--encoder_dropout_in_training", "False", "--seed", "3", "--save_steps", "2")
+    train_layalign.main(arguments(tiny_base_folders, tmp_path / "one", *common))
+
+    def deepspeed_arguments(output_dir: Path, *extra: str) -> list[str]:
+        # On CPU processes accelerate sets DeepSpeed up only without `--use_cpu` and with a backend named.
+        script = arguments(tiny_base_folders, output_dir, *common, "--per_device_train_batch_size", "2", *extra)
+        return [argument for argument in script if argument != "--use_cpu"] + ["--ddp_backend", "gloo"]
+
+    launch(config, 2, deepspeed_arguments(tmp_path / "launched"))
+    launch(config, 2, deepspeed_arguments(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "launched" / "checkpoint-2")))
+
+    # The collapse monitor ran on both processes and logged from the first.
+    history = json.loads((tmp_path / "launched" / "trainer_state.json").read_text())["log_history"]
+    assert all("layalign/source_cosine" in entry for entry in history if "loss" in entry)
+    # Same examples per step, every target token counted across the processes (measured: losses within 1e-7
+    # relative, trained weights within 3e-8).
+    assert logged_losses(tmp_path / "launched") == pytest.approx(logged_losses(tmp_path / "one"), rel=1e-5)
+    one, launched = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "launched" / "model.safetensors")
+    assert launched.keys() == one.keys()  # the LayAlign weights, gathered whole by ZeRO-3 for the save
+    assert max((launched[key] - one[key]).abs().max().item() for key in one) < 1e-5
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(resumed[key], launched[key]) for key in launched)
+    assert logged_losses(tmp_path / "resumed") == logged_losses(tmp_path / "launched")
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +123,7 @@ def test_sharded_training_matches_one_process(engine, tiny_base_folders, tmp_pat
         assert result["step_difference"] < 1e-6
         assert result["generate_equal"]
         assert result["resume_difference"] == 0.0
+        assert result["statistics_difference"] < 1e-5  # the monitor gathers what it reads (measured: up to 5e-7)
     assert results[0]["reload_logit_difference"] < 1e-5
     # ZeRO-3's config turns `zero3_init_flag` on: the bases load already partitioned, so no process ever holds them
     # whole (what lets a 70B LLM load on a machine whose CPU memory holds one copy, not eight). The other engines

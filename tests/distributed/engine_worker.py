@@ -20,7 +20,7 @@ it is the gradients' difference, clipped as the config clips); whether `generate
 difference of a LayAlign-only `save_pretrained` from the engine's gathered weights, reloaded with `from_pretrained`;
 and, after saving the engine's own training checkpoint (model and optimizer state) and taking a second step, the
 difference between that step and the same step taken by a fresh engine, built from that LayAlign-only save and
-resumed from the checkpoint; and how many elements of the bases' weights each process held once the model was built,
+resumed from the checkpoint; the largest difference of the collapse monitor's statistics from the unsharded copy's; and how many elements of the bases' weights each process held once the model was built,
 by `from_base_models` and by `from_pretrained` of the save (0 when they load partitioned).
 """
 
@@ -35,11 +35,12 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch.distributed.checkpoint.state_dict import StateDictOptions
-from transformers import set_seed
+from transformers import AutoTokenizer, set_seed
 from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from modeling_layalign import LayAlignForCausalLM  # noqa: E402
+from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor  # noqa: E402
+from modeling_layalign.monitoring import mapping_statistics  # noqa: E402
 from tests.conftest import set_gates  # noqa: E402
 
 
@@ -302,6 +303,9 @@ def main(engine_name: str, encoder: str, llm: str, output_dir: Path) -> None:
     else:
         dist.init_process_group("gloo")
     rank = dist.get_rank()
+    processor = LayAlignProcessor(
+        tokenizer=AutoTokenizer.from_pretrained(llm), encoder_tokenizer=AutoTokenizer.from_pretrained(encoder)
+    )
     reference = build_model(encoder, llm)
     if engine_name.startswith("zero"):
         plugin = deepspeed_plugin(engine_name)
@@ -315,6 +319,13 @@ def main(engine_name: str, encoder: str, llm: str, output_dir: Path) -> None:
     reference_loss = reference_step(reference, reference_optimizer, first, engine.clip)
     reference_weights = {name: p.detach().clone() for name, p in reference.named_parameters() if p.requires_grad}
     step_difference = largest_difference(engine.trainable(), reference_weights)
+
+    # The collapse monitor's statistics, which every process computes at once (`MappingCollapseCallback`).
+    reference.eval()
+    statistics = mapping_statistics(engine.model if engine.name != "fsdp1" else engine.wrapped, processor)
+    expected = mapping_statistics(reference, processor)
+    reference.train()
+    statistics_difference = max(abs(statistics[name] - expected[name]) for name in expected)
 
     prompt = local_half(first)
     inputs = {"input_ids": prompt["input_ids"][:, :3], "encoder_input_ids": prompt["encoder_input_ids"]}
@@ -355,6 +366,7 @@ def main(engine_name: str, encoder: str, llm: str, output_dir: Path) -> None:
         "generate_equal": generate_equal,
         "reload_logit_difference": reload_difference,
         "resume_difference": resume_difference,
+        "statistics_difference": statistics_difference,
         "base_elements_held_after_loading": held_after_loading,
         "base_elements_held_after_reloading": held_after_reloading,
     }
