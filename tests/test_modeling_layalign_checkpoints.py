@@ -437,3 +437,19 @@ def test_push_to_hub_uploads_a_loadable_checkpoint(tmp_path, monkeypatch):
     reloaded = AutoModelForCausalLM.from_pretrained(hub.download_to(tmp_path / "hub"), trust_remote_code=True)
     inputs = sample_inputs()
     assert (logits(reloaded, inputs) - logits(model, inputs)).abs().max().item() == 0.0
+
+
+def test_resized_embeddings_train_frozen_and_save_with_every_weight(tmp_path, caplog):
+    model = trained_model(tmp_path)
+    with caplog.at_level("WARNING"):
+        model.resize_token_embeddings(LLM_VOCAB + 8)  # new tokens in the LLM's tokenizer
+    assert "vocabulary now differs" in caplog.text and model.config.llm_name_or_path is None
+    assert model.get_output_embeddings().weight.shape[0] == model.config.text_config.vocab_size == LLM_VOCAB + 8
+    assert not model.get_input_embeddings().weight.requires_grad  # the LLM stays frozen
+    inputs = sample_inputs()
+    inputs["input_ids"][0, -1] = LLM_VOCAB + 3  # one of the new tokens
+    assert model.default_checkpoint_format() == "full"
+    model.save_pretrained(tmp_path / "resized")
+    reloaded = LayAlignForCausalLM.from_pretrained(tmp_path / "resized")
+    assert logits(reloaded, inputs).shape[-1] == LLM_VOCAB + 8
+    assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
