@@ -6,6 +6,7 @@ ZeRO-3 through `tests/distributed/engine_worker.py`, which sets each engine up f
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,11 @@ DEEPSPEED_CONFIGS = ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml")
 
 
 def free_port() -> str:
-    return str(29500 + os.getpid() % 500 + 500 * (os.environ.get("PYTEST_XDIST_WORKER") is not None))
+    """A port no process listens on now: each launch gets its own, so a port still held by the previous launch's
+    closing sockets cannot fail the next one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
 def run(command: list[str]) -> None:
