@@ -14,7 +14,6 @@ the baseline and its peak memory, and the loss of the first step, which must be 
 seed, same batch).
 """
 
-import contextlib
 import gc
 import os
 from collections.abc import Callable
@@ -28,13 +27,14 @@ import yaml
 from common import (
     PRESETS,
     argument_parser,
+    autocast_for,
     build_models,
     describe_device,
     format_memory,
     interleaved_median_seconds,
     peak_memory_gib,
     print_table,
-    random_ids,
+    training_batch,
     write_json,
 )
 
@@ -43,26 +43,9 @@ ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configuration" / 
 ENGINES = ("unwrapped", "FSDP 2", "ZeRO-2")
 
 
-def training_batch(model, preset) -> dict[str, torch.Tensor]:
-    """A stage-1 batch: every text token a target."""
-    config = model.config
-    text = random_ids(preset.train_batch, preset.stage1_text_len, config.text_config.vocab_size, preset.device)
-    return {
-        "encoder_input_ids": random_ids(preset.train_batch, preset.encoder_len, config.encoder_config.vocab_size, preset.device),
-        "input_ids": text,
-        "labels": text.clone(),
-    }
-
-
-def autocast_for(preset) -> Callable[[], contextlib.AbstractContextManager]:
-    if preset.dtype == torch.float32:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(preset.device, dtype=preset.dtype)
-
-
 def unwrapped_step(model, preset) -> Callable[[dict], torch.Tensor]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    autocast = autocast_for(preset)
+    autocast = autocast_for(preset.device, preset.dtype)
 
     def step(batch: dict) -> torch.Tensor:
         with autocast():
@@ -116,7 +99,7 @@ def zero2_step(model, preset) -> Callable[[dict], torch.Tensor]:
     config["zero_allow_untested_optimizer"] = True
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(trainable, lr=1e-5), config=config)
-    autocast = autocast_for(preset)
+    autocast = autocast_for(preset.device, preset.dtype)
 
     def step(batch: dict) -> torch.Tensor:
         with autocast():
@@ -143,7 +126,9 @@ def measure(engine: str, preset_name: str, repeats: int) -> dict | None:
     model, preset = models.layalign, models.preset
     del models
     model.train()
-    batch = training_batch(model, preset)
+    batch = training_batch(  # stage 1: every text token a target
+        model.config, preset.train_batch, preset.encoder_len, preset.stage1_text_len, preset.device
+    )
     step = WRAPPERS[engine](model, preset)
     first_loss = step(batch).float().item()
     seconds = interleaved_median_seconds({engine: lambda: step(batch)}, preset.device, repeats, warmup=1)[engine]

@@ -57,7 +57,17 @@ import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, LlamaConfig, MT5Config, MT5EncoderModel
 
-from common import PRESETS, Models, argument_parser, pair_models, print_table, random_ids, write_json
+from common import (
+    PRESETS,
+    Models,
+    argument_parser,
+    autocast_for,
+    pair_models,
+    print_table,
+    random_ids,
+    training_batch,
+    write_json,
+)
 
 
 SYSTEMS = ("LayAlign", "MindMerger mode", "LLM alone")
@@ -186,23 +196,6 @@ def build_models(name: str, seed: int = 0) -> Models:
     return Models(*pair_models(encoder, llm), PRESETS[preset.shapes])
 
 
-def autocast_for(dtype: torch.dtype) -> Callable[[], contextlib.AbstractContextManager]:
-    if dtype == torch.float32:
-        return contextlib.nullcontext
-    return lambda: torch.autocast("cpu", dtype=dtype)
-
-
-def training_batch(models: Models) -> dict[str, torch.Tensor]:
-    """A stage-1 batch: every text token is a target."""
-    shapes, config = models.preset, models.layalign.config
-    batch = shapes.train_batch
-    return {
-        "encoder_input_ids": random_ids(batch, shapes.encoder_len, config.encoder_config.vocab_size, "cpu"),
-        "input_ids": random_ids(batch, shapes.stage1_text_len, config.text_config.vocab_size, "cpu"),
-        "labels": random_ids(batch, shapes.stage1_text_len, config.text_config.vocab_size, "cpu"),
-    }
-
-
 def generation_inputs(models: Models) -> dict[str, dict[str, torch.Tensor]]:
     """Batch-1 inputs of each system: LayAlign and MindMerger mode read the source and the prompt, the LLM alone a
     prompt as long as their LLM sequence."""
@@ -261,8 +254,10 @@ def training_steps(models: Models) -> dict[str, TrainingStep]:
     """The step of each system, as `bench_train.py` times it (forward + backward + AdamW; the LLM alone forward and
     backward to its input embeddings)."""
     shapes, dtype = models.preset, models.llm.dtype
-    autocast = autocast_for(dtype)
-    batch = training_batch(models)
+    autocast = autocast_for("cpu", dtype)
+    batch = training_batch(
+        models.layalign.config, shapes.train_batch, shapes.encoder_len, shapes.stage1_text_len, "cpu"
+    )  # stage 1: every text token a target
     steps = {}
     for name, model in (("LayAlign", models.layalign), ("MindMerger mode", models.mindmerger)):
         trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]

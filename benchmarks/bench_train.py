@@ -12,13 +12,13 @@ modules stay float32 and the step runs under autocast. `--compile` runs each con
 (what `--torch_compile` does in the training script); the untimed warm-up rounds compile.
 """
 
-import contextlib
 
 import torch
 
 from common import (
     Models,
     argument_parser,
+    autocast_for,
     build_models,
     describe_device,
     format_memory,
@@ -26,7 +26,7 @@ from common import (
     peak_memory_gib,
     print_profile,
     print_table,
-    random_ids,
+    training_batch,
     write_json,
 )
 
@@ -46,29 +46,14 @@ def llm_step(llm, embeds: torch.Tensor, labels: torch.Tensor, autocast) -> None:
     loss.backward()
 
 
-def stage_batch(models: Models, text_len: int, target_from: int) -> dict:
-    preset, config = models.preset, models.layalign.config
-    batch = preset.train_batch
-    labels = random_ids(batch, text_len, config.text_config.vocab_size, preset.device)
-    labels[:, :target_from] = -100
-    return {
-        "encoder_input_ids": random_ids(batch, preset.encoder_len, config.encoder_config.vocab_size, preset.device),
-        "input_ids": random_ids(batch, text_len, config.text_config.vocab_size, preset.device),
-        "labels": labels,
-    }
-
-
 def measure_stage(
     models: Models, text_len: int, target_from: int, repeats: int, profile: bool = False, compile: bool = False
 ) -> dict[str, dict]:
     preset = models.preset
     maybe_compiled = torch.compile if compile else lambda model: model
-    batch = stage_batch(models, text_len, target_from)
-    autocast = (
-        contextlib.nullcontext
-        if preset.dtype == torch.float32
-        else lambda: torch.autocast(preset.device, dtype=preset.dtype)
-    )
+    config = models.layalign.config
+    batch = training_batch(config, preset.train_batch, preset.encoder_len, text_len, preset.device, target_from)
+    autocast = autocast_for(preset.device, preset.dtype)
     steps = {}
     for name, model in (("LayAlign", models.layalign), ("MindMerger mode", models.mindmerger)):
         model.train()

@@ -14,6 +14,7 @@ same shapes, so that they hold on other machines; absolute times mean something 
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -185,6 +186,28 @@ def print_profile(title: str, function: Callable[[], object], device: str, rows:
 def random_ids(batch: int, length: int, vocab_size: int, device: str, low: int = 3) -> torch.Tensor:
     """Token ids away from the special ids at the bottom of the vocabulary."""
     return torch.randint(low, vocab_size, (batch, length), device=device)
+
+
+def training_batch(
+    config: LayAlignConfig, batch: int, encoder_len: int, text_len: int, device: str, target_from: int = 0
+) -> dict[str, torch.Tensor]:
+    """`batch` random examples of `encoder_len` source and `text_len` text tokens; the text's labels are targets from
+    position `target_from` on (stage 1: 0, the whole translation; stage 2: the answer after the question)."""
+    labels = random_ids(batch, text_len, config.text_config.vocab_size, device)
+    labels[:, :target_from] = -100
+    return {
+        "encoder_input_ids": random_ids(batch, encoder_len, config.encoder_config.vocab_size, device),
+        "input_ids": random_ids(batch, text_len, config.text_config.vocab_size, device),
+        "labels": labels,
+    }
+
+
+def autocast_for(device: str, dtype: torch.dtype) -> Callable[[], contextlib.AbstractContextManager]:
+    """The context a training step runs in: autocast to `dtype` when the bases are not float32 (the LayAlign modules
+    stay float32), nothing otherwise."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device, dtype=dtype)
 
 
 def format_memory(gib: float | None) -> str:
