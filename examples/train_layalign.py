@@ -266,4 +266,7 @@ def save_merged(model, processor: LayAlignProcessor, output_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Ends the run's process group before the interpreter exits: a launched DeepSpeed ZeRO-3 process on CPU left it
+    # to exit-time teardown and aborted there now and then, after saving ("terminate called without an active
+    # exception"), which failed the launch.
+    main().accelerator.end_training()

@@ -109,6 +109,23 @@ class LayAlignCheckpointMixin:
         named = bool(self.config.encoder_name_or_path and self.config.llm_name_or_path)
         return "layalign_only" if frozen and named else "full"
 
+    def resize_token_embeddings(self, *args, **kwargs) -> torch.nn.Embedding:
+        """`PreTrainedModel.resize_token_embeddings` on the LLM (new tokens in its tokenizer).
+
+        The LLM then differs from the one `config.llm_name_or_path` names, which a LayAlign-only checkpoint would
+        reload: that source is cleared, so later saves hold every weight (`checkpoint_format="full"`). The resized
+        embeddings stay frozen unless the LLM trains.
+        """
+        embeddings = super().resize_token_embeddings(*args, **kwargs)
+        if self.config.llm_name_or_path is not None:
+            logger.warning(
+                f"The LLM's vocabulary now differs from {self.config.llm_name_or_path!r}: checkpoints of this model "
+                "are saved with every weight (`checkpoint_format='full'`)."
+            )
+            self.config.llm_name_or_path = None
+        self.apply_trainable_parts()
+        return embeddings
+
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,

@@ -15,7 +15,6 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
@@ -51,9 +50,6 @@ from .sequence_layalign import (
     positions_from_mask,
     prefix_mask,
 )
-
-
-logger = logging.get_logger(__name__)
 
 
 class LayAlignPreTrainedModel(PreTrainedModel):
@@ -167,23 +163,6 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
 
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.llm.set_output_embeddings(value)
-
-    def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
-        """`PreTrainedModel.resize_token_embeddings` on the LLM (new tokens in its tokenizer).
-
-        The LLM then differs from the one `config.llm_name_or_path` names, which a LayAlign-only checkpoint would
-        reload: that source is cleared, so later saves hold every weight (`checkpoint_format="full"`). The resized
-        embeddings stay frozen unless the LLM trains.
-        """
-        embeddings = super().resize_token_embeddings(*args, **kwargs)
-        if self.config.llm_name_or_path is not None:
-            logger.warning(
-                f"The LLM's vocabulary now differs from {self.config.llm_name_or_path!r}: checkpoints of this model "
-                "are saved with every weight (`checkpoint_format='full'`)."
-            )
-            self.config.llm_name_or_path = None
-        self.apply_trainable_parts()
-        return embeddings
 
     def _use_fused_attention(self) -> None:
         """Points the LLM at the LayAlign wrapper of whatever attention implementation it currently uses.

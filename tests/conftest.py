@@ -1,6 +1,7 @@
 """Tiny random models built from configs (width 32, two layers), as transformers' own tests build them."""
 
 import os
+import socket
 from pathlib import Path
 
 
@@ -159,6 +160,14 @@ def save_tiny_bases(root: Path, tie_word_embeddings: bool = False) -> dict[str, 
         root / "llama"
     )
     return {"encoder": str(root / "mt5"), "llm": str(root / "llama")}
+
+
+def free_port() -> str:
+    """A port no process listens on now: each launch gets its own, so a port still held by the previous launch's
+    closing sockets cannot fail the next one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_scaling import free_port
+from .conftest import free_port
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"

@@ -6,7 +6,6 @@ ZeRO-3 through `tests/distributed/engine_worker.py`, which sets each engine up f
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY / "examples"))
 
 import train_layalign  # noqa: E402
-from tests.conftest import save_tiny_bases  # noqa: E402
+from tests.conftest import free_port, save_tiny_bases  # noqa: E402
 from tests.test_train_layalign import arguments, logged_losses  # noqa: E402
 
 
@@ -28,14 +27,6 @@ WORKER = REPOSITORY / "tests" / "distributed" / "engine_worker.py"
 ENGINE_CONFIGS = {"fsdp2": "fsdp.yaml", "fsdp1": "fsdp1.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}
 LAUNCHED_CONFIGS = {"cpu_ddp.yaml": 2, "multi_gpu_ddp.yaml": 2, "single_gpu.yaml": 1}
 DEEPSPEED_CONFIGS = ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml")
-
-
-def free_port() -> str:
-    """A port no process listens on now: each launch gets its own, so a port still held by the previous launch's
-    closing sockets cannot fail the next one."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])
 
 
 def run(command: list[str]) -> None:

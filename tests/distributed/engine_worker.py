@@ -20,8 +20,9 @@ it is the gradients' difference, clipped as the config clips); whether `generate
 difference of a LayAlign-only `save_pretrained` from the engine's gathered weights, reloaded with `from_pretrained`;
 and, after saving the engine's own training checkpoint (model and optimizer state) and taking a second step, the
 difference between that step and the same step taken by a fresh engine, built from that LayAlign-only save and
-resumed from the checkpoint; the largest difference of the collapse monitor's statistics from the unsharded copy's; and how many elements of the bases' weights each process held once the model was built,
-by `from_base_models` and by `from_pretrained` of the save (0 when they load partitioned).
+resumed from the checkpoint; the largest difference of the collapse monitor's statistics from the unsharded copy's;
+and how many elements of the bases' weights each process held once the model was built, by `from_base_models` and
+by `from_pretrained` of the save (0 when they load partitioned).
 """
 
 import json
