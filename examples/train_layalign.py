@@ -35,6 +35,7 @@ from modeling_layalign.data import (
     load_translation_pairs,
     tokenize_for_stage,
 )
+from modeling_layalign.engine_checkpoints import check_engine_saves_weights, check_resume_fits_engine
 from modeling_layalign.monitoring import MappingCollapseCallback
 from modeling_layalign.warm_start import warm_start_input_mapping
 
@@ -248,6 +249,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Traine
         processing_class=processor,
         callbacks=[*([MappingCollapseCallback(processor)] if model.config.use_input_mapping else []), *(callbacks or [])],
     )
+    check_engine_saves_weights(trainer)
+    if training_args.resume_from_checkpoint:
+        check_resume_fits_engine(trainer, training_args.resume_from_checkpoint)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     if model_args.lora_r:
@@ -256,12 +260,21 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Traine
     return trainer
 
 
-def save_merged(model, processor: LayAlignProcessor, output_dir: str) -> None:
-    """Replaces the LoRA adapter that `Trainer` saved with the model it trained: the adapters merged into the LLM and
-    the trained LayAlign modules in place, as a full checkpoint (the LLM now differs from the base its config names),
-    so that `--init_from`, `evaluate_layalign.py` and `from_pretrained` load it like any LayAlign checkpoint."""
+def merge_lora(model) -> LayAlignForCausalLM:
+    """peft's `merge_and_unload` of a LoRA run: the adapters merged into the bases they adapt, the trained LayAlign
+    modules in place. A base a LoRA adapted now differs from the source its config names: it is recorded as modified,
+    so that this model and every model trained from it later save every weight."""
+    adapted_bases = sorted({name.split(".", 1)[0] for name in model.base_model.targeted_module_names})
     merged = model.merge_and_unload()
-    merged.save_pretrained(output_dir, checkpoint_format="full")
+    for base in adapted_bases:
+        merged.mark_base_modified(base, "a LoRA was merged into it")
+    return merged
+
+
+def save_merged(model, processor: LayAlignProcessor, output_dir: str) -> None:
+    """Replaces the LoRA adapter that `Trainer` saved with the merged model ([`merge_lora`]), a full checkpoint that
+    `--init_from`, `evaluate_layalign.py` and `from_pretrained` load like any LayAlign checkpoint."""
+    merge_lora(model).save_pretrained(output_dir)
     processor.save_pretrained(output_dir)  # a model save replaces the processor files it finds
 
 

@@ -13,7 +13,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_utils import load_state_dict
-from transformers.utils import SAFE_WEIGHTS_NAME, cached_file, logging
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file, logging
+from transformers.utils.hub import get_checkpoint_shard_files
 
 from .bases_layalign import (
     base_fingerprint,
@@ -22,7 +23,7 @@ from .bases_layalign import (
     check_base_matches,
     check_base_source,
 )
-from .configuration_layalign import CHECKPOINT_FORMATS, LayAlignConfig
+from .configuration_layalign import BASES, CHECKPOINT_FORMATS, LayAlignConfig
 from .encoders_layalign import encoder_family
 from .legacy_layalign import load_gates_of_full_checkpoint
 from .pipeline_layalign import custom_pipelines_entry
@@ -104,25 +105,38 @@ class LayAlignCheckpointMixin:
         return key.split(".", 1)[0] in self.layalign_module_names
 
     def default_checkpoint_format(self) -> str:
-        """`"layalign_only"` when both bases are frozen and named in the config, else `"full"`."""
-        frozen = not (self.config.train_encoder or self.config.train_llm)
+        """`"layalign_only"` when both bases are named in the config and neither is modified (see
+        [`mark_base_modified`]), else `"full"`."""
         named = bool(self.config.encoder_name_or_path and self.config.llm_name_or_path)
-        return "layalign_only" if frozen and named else "full"
+        return "layalign_only" if named and not self.config.modified_bases else "full"
+
+    def mark_base_modified(self, base: str, reason: str) -> None:
+        """Records in `config.modified_bases` that the weights of `base` (`"encoder"` or `"llm"`) are no longer those
+        of the source its config names, so that every later save holds them (`checkpoint_format="full"`).
+
+        The model calls it itself when a base trains (`train_encoder` / `train_llm`) or the LLM's vocabulary is
+        resized; call it after changing a base's weights in any other way, such as peft's `merge_and_unload` of a
+        LoRA on the LLM (`train_layalign.py --lora_r` does).
+        """
+        if base not in BASES:
+            raise ValueError(f"`base` must be one of {BASES}, got {base!r}.")
+        if base not in self.config.modified_bases:
+            self.config.modified_bases = sorted([*self.config.modified_bases, base])
+            source = getattr(self.config, f"{base}_name_or_path")
+            logger.info(
+                f"The {base}'s weights are no longer those of {source!r} ({reason}): checkpoints of this model hold "
+                "every weight (`checkpoint_format='full'`)."
+            )
 
     def resize_token_embeddings(self, *args, **kwargs) -> torch.nn.Embedding:
         """`PreTrainedModel.resize_token_embeddings` on the LLM (new tokens in its tokenizer).
 
         The LLM then differs from the one `config.llm_name_or_path` names, which a LayAlign-only checkpoint would
-        reload: that source is cleared, so later saves hold every weight (`checkpoint_format="full"`). The resized
+        reload: it counts as modified, so later saves hold every weight (`checkpoint_format="full"`). The resized
         embeddings stay frozen unless the LLM trains.
         """
         embeddings = super().resize_token_embeddings(*args, **kwargs)
-        if self.config.llm_name_or_path is not None:
-            logger.warning(
-                f"The LLM's vocabulary now differs from {self.config.llm_name_or_path!r}: checkpoints of this model "
-                "are saved with every weight (`checkpoint_format='full'`)."
-            )
-            self.config.llm_name_or_path = None
+        self.mark_base_modified("llm", "its vocabulary was resized")
         self.apply_trainable_parts()
         return embeddings
 
@@ -168,6 +182,12 @@ class LayAlignCheckpointMixin:
                 raise ValueError(
                     "A LayAlign-only checkpoint needs `config.encoder_name_or_path` and `config.llm_name_or_path` to "
                     "reload the bases from; set them or save with `checkpoint_format='full'`."
+                )
+            if self.config.modified_bases:
+                raise ValueError(
+                    f"`checkpoint_format='layalign_only'` would lose the weights of the modified {self.config.modified_bases} "
+                    "(see `config.modified_bases`): reloading from the named sources gives the unmodified bases. Save "
+                    "with `checkpoint_format='full'` (the default for this model)."
                 )
             gathered, state_dict = state_dict, self.state_dict() if state_dict is None else state_dict
             self.config.base_fingerprints = {
@@ -224,10 +244,17 @@ class LayAlignCheckpointMixin:
                 setattr(config, source_field, os.fspath(source))
         check_base_weights = kwargs.pop("check_base_weights", True)
         if config.checkpoint_format != "layalign_only":
+            # Saved before `modified_bases` existed: whether its bases still equal their sources is unknown.
+            saved_before_modified_bases = config.modified_bases is None
             loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
             download = {key: kwargs[key] for key in ("revision", "subfolder", *SHARED_LOAD_KWARGS) if key in kwargs}
             model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) on request
             load_gates_of_full_checkpoint(model, pretrained_model_name_or_path, download)
+            if saved_before_modified_bases:
+                for base in BASES:
+                    model.mark_base_modified(base, "a full checkpoint saved before `modified_bases` was recorded")
+            # Loading replaces every parameter, trainable or not: the config says which parts train.
+            model.apply_trainable_parts()
             return loaded
         return cls._from_layalign_only(pretrained_model_name_or_path, config, check_base_weights, **kwargs)
 
@@ -238,8 +265,7 @@ class LayAlignCheckpointMixin:
         file_kwargs = {key: kwargs.pop(key) for key in LAYALIGN_FILE_KWARGS if key in kwargs}
         shared = {key: kwargs[key] for key in SHARED_LOAD_KWARGS if key in kwargs}
         download = {**shared, **{key: file_kwargs[key] for key in ("revision", "subfolder") if key in file_kwargs}}
-        weights_file = cached_file(path, SAFE_WEIGHTS_NAME, **download)
-        check_safetensors_file(weights_file)
+        weights_files = layalign_weight_files(path, download)
         logger.info(
             f"{path} holds the LayAlign weights only: loading the encoder from {config.encoder_name_or_path} and the "
             f"LLM from {config.llm_name_or_path} first."
@@ -263,7 +289,7 @@ class LayAlignCheckpointMixin:
         if check_base_weights and config.base_fingerprints:
             check_base_fingerprint(model.encoder, config.base_fingerprints["encoder"], "encoder_name_or_path")
             check_base_fingerprint(model.llm, config.base_fingerprints["llm"], "llm_name_or_path")
-        model.load_layalign_state_dict(load_state_dict(weights_file))
+        model.load_layalign_state_dict({key: value for file in weights_files for key, value in load_state_dict(file).items()})
         generation_file = cached_file(
             path, "generation_config.json", _raise_exceptions_for_missing_entries=False, **download
         )
@@ -288,6 +314,29 @@ class LayAlignCheckpointMixin:
 
 def hub_kwargs(kwargs: dict) -> dict:
     return {key: kwargs[key] for key in (*SHARED_LOAD_KWARGS, "revision", "subfolder", "trust_remote_code") if key in kwargs}
+
+
+def layalign_weight_files(path: str | os.PathLike, download: dict) -> list[str]:
+    """The safetensors files of the LayAlign-only checkpoint at `path`: `model.safetensors`, or the shards its index
+    lists (`save_pretrained(..., max_shard_size=...)`), each checked to be complete."""
+    found = {
+        name: cached_file(path, name, _raise_exceptions_for_missing_entries=False, **download)
+        for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
+    }
+    if found[SAFE_WEIGHTS_NAME] is not None:
+        files = [found[SAFE_WEIGHTS_NAME]]
+    elif found[SAFE_WEIGHTS_INDEX_NAME] is not None:
+        files = get_checkpoint_shard_files(path, found[SAFE_WEIGHTS_INDEX_NAME], **download)[0]
+    else:
+        raise OSError(
+            f"{os.fspath(path)!r} holds no LayAlign weights: neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}. "
+            "A DeepSpeed ZeRO-3 run whose config leaves `stage3_gather_16bit_weights_on_model_save` "
+            "(`zero3_save_16bit_model`) off saves only its engine state (`global_step*/`): recover the weights with "
+            "the `zero_to_fp32.py` saved beside it, or turn the option on (the shipped deepspeed_zero3.yaml does)."
+        )
+    for file in files:
+        check_safetensors_file(file)
+    return files
 
 
 def check_safetensors_file(path: str | os.PathLike) -> None:

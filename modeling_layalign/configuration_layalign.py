@@ -13,6 +13,8 @@ logger = logging.get_logger(__name__)
 FusionStructure = Literal["linear", "mlp"]
 CheckpointFormat = Literal["layalign_only", "full"]
 FUSION_STRUCTURES = get_args(FusionStructure)
+# The two pretrained models a LayAlign model joins, as `modified_bases` names them.
+BASES = ("encoder", "llm")
 CHECKPOINT_FORMATS = get_args(CheckpointFormat)
 # Keyword arguments that reach `__post_init__` without being fields and are not typos: what a saved `config.json`
 # carries besides the fields, and what `PretrainedConfig.__post_init__` itself consumes.
@@ -60,6 +62,12 @@ class LayAlignConfig(PretrainedConfig):
         encoder_dropout_in_training (`bool`, *optional*, defaults to `True`):
             Keep the encoder's dropout active while the model is in training mode, even when the encoder is frozen,
             as the reference implementation does. Off: the encoder always runs in eval mode.
+        modified_bases (`list[str]`, *optional*):
+            The bases (`"encoder"`, `"llm"`) whose weights are no longer those of the source their
+            `*_name_or_path` names: one that trains (`train_encoder` / `train_llm`), has LoRA merged into it, or had
+            its vocabulary resized. A model with a modified base saves full checkpoints, since reloading that base
+            from its source would lose what changed; the source stays named as where the base came from. Absent
+            from checkpoints saved before 2026-12-06: a full one of those counts both bases as modified.
         checkpoint_format (`str`, *optional*):
             Written by `save_pretrained`: `"layalign_only"` when the checkpoint holds only the LayAlign modules (the
             base weights load from `encoder_name_or_path` / `llm_name_or_path`), `"full"` when it holds everything.
@@ -89,6 +97,7 @@ class LayAlignConfig(PretrainedConfig):
     train_encoder: bool = False
     train_llm: bool = False
     encoder_dropout_in_training: bool = True
+    modified_bases: list[str] | None = None
     checkpoint_format: CheckpointFormat | None = None
     base_fingerprints: dict | None = None
     initializer_range: float = 0.02
@@ -116,6 +125,10 @@ class LayAlignConfig(PretrainedConfig):
         )
         if self.fusion_structure not in FUSION_STRUCTURES:
             raise ValueError(f"`fusion_structure` must be one of {FUSION_STRUCTURES}, got {self.fusion_structure!r}.")
+        if self.modified_bases is not None:
+            if isinstance(self.modified_bases, str) or not set(self.modified_bases) <= set(BASES):
+                raise ValueError(f"`modified_bases` must be a list of {BASES}, got {self.modified_bases!r}.")
+            self.modified_bases = sorted(set(self.modified_bases))
         if self.checkpoint_format is not None and self.checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(
                 f"`checkpoint_format` must be one of {CHECKPOINT_FORMATS} or None, got {self.checkpoint_format!r}."

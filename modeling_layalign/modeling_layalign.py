@@ -78,9 +78,12 @@ class LayAlignPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
 
     def apply_trainable_parts(self) -> None:
-        """Sets `requires_grad` from the config: the LayAlign modules train, the bases as `train_encoder` / `train_llm` say."""
-        self.encoder.requires_grad_(self.config.train_encoder)
-        self.llm.requires_grad_(self.config.train_llm)
+        """Sets `requires_grad` from the config: the LayAlign modules train, the bases as `train_encoder` / `train_llm`
+        say. A base that trains no longer equals its named source (`config.modified_bases`)."""
+        for base, trains in (("encoder", self.config.train_encoder), ("llm", self.config.train_llm)):
+            getattr(self, base).requires_grad_(trains)
+            if trains:
+                self.mark_base_modified(base, "it trains")
         for name in self.layalign_module_names:
             if (module := getattr(self, name)) is not None:
                 module.requires_grad_(True)
@@ -129,6 +132,7 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
                 base.config._attn_implementation = base.get_correct_attn_implementation(None)
         config.encoder_config = self.encoder.config
         config.text_config = self.llm.config
+        config.modified_bases = config.modified_bases or []
 
         encoder_width, llm_width = config.encoder_config.hidden_size, config.text_config.hidden_size
         self.input_mapping = LayAlignInputMapping(encoder_width, llm_width) if config.use_input_mapping else None
@@ -387,7 +391,7 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
             fused_states = fused_states.to(dtype)
             if self._scale_value_sources:
                 # (1 for the key source of every layer, its gate for the value source: (2M, 1) -> (batch, T, 2M, 1))
-                fused_states = fused_states * (self.gates.source_scale().to(dtype) * padding)
+                fused_states = fused_states * (self.gates(per_source=True).to(dtype) * padding)
             else:
                 value_scales = (self.gates().to(dtype)[:, None, None, None, None] * padding).unbind(0)
             # (Rows flattened once for all layers: each projection is then a plain matrix product, with no reshaping

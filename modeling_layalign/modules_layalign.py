@@ -92,16 +92,17 @@ class LayAlignGates(nn.Module):
         self.weight = nn.Parameter(torch.zeros(len(self.adapted_layers)))
         self.register_load_state_dict_pre_hook(stack_per_layer_gates)
 
-    def forward(self) -> torch.Tensor:
-        """`(num_adapted_layers,)`, in the order of `adapted_llm_layers`.
+    def forward(self, per_source: bool = False) -> torch.Tensor:
+        """`(num_adapted_layers,)`, in the order of `adapted_llm_layers`; with `per_source`, `(2 * num_adapted_layers,
+        1)`: 1 for each adapted layer's key source and its gate for its value source, in the order of the fusion's
+        sources (`2m`, `2m + 1`), so that one product scales every value source.
 
-        Read through a call rather than as an attribute, so that the gates work the same when peft wraps this module.
+        Every read of the gates goes through this call: it works the same when peft wraps this module, and under
+        DeepSpeed ZeRO-3 a weight read outside its own module's forward is registered with the calling module
+        instead, whose parameter trace a resumed run then no longer matched ("tracing error ... gates.weight").
         """
-        return self.weight
-
-    def source_scale(self) -> torch.Tensor:
-        """`(2 * num_adapted_layers, 1)`: 1 for each adapted layer's key source and its gate for its value source,
-        in the order of the fusion's sources (`2m`, `2m + 1`), so that one product scales every value source."""
+        if not per_source:
+            return self.weight
         return torch.stack([torch.ones_like(self.weight), self.weight], dim=1).view(-1, 1)
 
 

@@ -92,6 +92,18 @@ def tiny_model(llm: str = "llama", encoder: str = "mt5", seed: int = 0, **config
     return model
 
 
+def with_trained_layalign_weights(model: LayAlignForCausalLM) -> LayAlignForCausalLM:
+    """`model` in eval mode with every LayAlign weight moved off its initial value (the gates off zero), so that each
+    shows in the logits, as after training."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name in model.layalign_module_names:
+            if (module := getattr(model, name)) is not None:
+                for parameter in module.parameters():
+                    parameter.normal_(std=0.3)
+    return model.eval()
+
+
 def set_gates(model: LayAlignForCausalLM, value: float) -> None:
     with torch.no_grad():
         model.gates.weight.fill_(value)

@@ -16,6 +16,7 @@ import torch
 from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
 from modeling_layalign.convert import convert_reference_checkpoint, main
 
+from .conftest import with_trained_layalign_weights
 from .test_modeling_layalign_checkpoints import logits, sample_inputs, save_base
 
 
@@ -27,13 +28,7 @@ def source_model(tmp_path: Path, encoder: str | None = None, llm: str | None = N
     encoder = encoder or save_base(tmp_path, "encoder", "mt5")
     llm = llm or save_base(tmp_path, "llm", "llama")
     model = LayAlignForCausalLM.from_base_models(encoder, llm, **config_kwargs)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name in model.layalign_module_names:
-            if (module := getattr(model, name)) is not None:
-                for parameter in module.parameters():
-                    parameter.normal_(std=0.3)
-    return model.eval(), encoder, llm
+    return with_trained_layalign_weights(model), encoder, llm
 
 
 def reference_state_dict(model: LayAlignForCausalLM, dtype: torch.dtype = torch.float16, prefix: str = "") -> dict:

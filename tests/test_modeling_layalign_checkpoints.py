@@ -21,7 +21,18 @@ from transformers import (
 from modeling_layalign import LayAlignForCausalLM
 from modeling_layalign.bases_layalign import evenly_spaced_positions
 
-from .conftest import ENCODER_CONFIGS, LLM_CONFIGS, LLM_PAD, LLM_VOCAB, ENCODER_VOCAB, pad, random_ids, set_gates, tiny_model
+from .conftest import (
+    ENCODER_CONFIGS,
+    ENCODER_VOCAB,
+    LLM_CONFIGS,
+    LLM_PAD,
+    LLM_VOCAB,
+    pad,
+    random_ids,
+    set_gates,
+    tiny_model,
+    with_trained_layalign_weights,
+)
 
 
 ENCODER_CHECKPOINT_CLASSES = {
@@ -49,12 +60,7 @@ def save_base(tmp_path: Path, kind: str, name: str, seed: int = 0) -> str:
 def trained_model(tmp_path: Path, encoder: str = "mt5", llm: str = "llama") -> LayAlignForCausalLM:
     """A model built from two saved bases whose LayAlign weights are no longer at their initial values."""
     model = LayAlignForCausalLM.from_base_models(save_base(tmp_path, "encoder", encoder), save_base(tmp_path, "llm", llm))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name in model.layalign_module_names:
-            for parameter in getattr(model, name).parameters():
-                parameter.normal_(std=0.3)
-    return model.eval()
+    return with_trained_layalign_weights(model)
 
 
 def sample_inputs(pad_id: int = 0) -> dict:
@@ -439,11 +445,12 @@ def test_push_to_hub_uploads_a_loadable_checkpoint(tmp_path, monkeypatch):
     assert (logits(reloaded, inputs) - logits(model, inputs)).abs().max().item() == 0.0
 
 
-def test_resized_embeddings_train_frozen_and_save_with_every_weight(tmp_path, caplog):
+def test_resized_embeddings_train_frozen_and_save_with_every_weight(tmp_path):
     model = trained_model(tmp_path)
-    with caplog.at_level("WARNING"):
-        model.resize_token_embeddings(LLM_VOCAB + 8)  # new tokens in the LLM's tokenizer
-    assert "vocabulary now differs" in caplog.text and model.config.llm_name_or_path is None
+    source = model.config.llm_name_or_path
+    model.resize_token_embeddings(LLM_VOCAB + 8)  # new tokens in the LLM's tokenizer
+    # The LLM no longer equals its source, which stays named as where it came from.
+    assert model.config.modified_bases == ["llm"] and model.config.llm_name_or_path == source
     assert model.get_output_embeddings().weight.shape[0] == model.config.text_config.vocab_size == LLM_VOCAB + 8
     assert not model.get_input_embeddings().weight.requires_grad  # the LLM stays frozen
     inputs = sample_inputs()
@@ -453,3 +460,12 @@ def test_resized_embeddings_train_frozen_and_save_with_every_weight(tmp_path, ca
     reloaded = LayAlignForCausalLM.from_pretrained(tmp_path / "resized")
     assert logits(reloaded, inputs).shape[-1] == LLM_VOCAB + 8
     assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
+
+
+def test_a_layalign_only_folder_without_weights_names_what_to_do(tmp_path):
+    """What a DeepSpeed ZeRO-3 run that gathers no weights for saving leaves: a config and no weights."""
+    model = trained_model(tmp_path)
+    model.save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="holds no LayAlign weights: neither model.safetensors nor model.safetensors.index.json"):
+        LayAlignForCausalLM.from_pretrained(tmp_path / "saved")

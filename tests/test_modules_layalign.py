@@ -9,8 +9,8 @@ def test_the_source_scale_puts_one_before_each_gate_and_passes_their_gradients()
     gates = LayAlignGates([0, 2, 5])
     with torch.no_grad():
         gates.weight.copy_(torch.tensor([0.5, -1.0, 2.0]))
-    assert gates.source_scale().view(-1).tolist() == [1.0, 0.5, 1.0, -1.0, 1.0, 2.0]
-    (gates.source_scale().view(-1) * torch.tensor([3.0, 5.0, 7.0, 11.0, 13.0, 17.0])).sum().backward()
+    assert gates(per_source=True).view(-1).tolist() == [1.0, 0.5, 1.0, -1.0, 1.0, 2.0]
+    (gates(per_source=True).view(-1) * torch.tensor([3.0, 5.0, 7.0, 11.0, 13.0, 17.0])).sum().backward()
     assert gates.weight.grad.tolist() == [5.0, 11.0, 17.0]
 
 

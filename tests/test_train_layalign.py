@@ -75,12 +75,12 @@ def test_logged_loss_is_the_mean_over_every_target_token(tiny_base_folders, tmp_
 
 def test_resumed_training_continues_exactly_where_it_stopped(tiny_base_folders, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_layalign.main(arguments(tiny_base_folders, straight, "--stage", "1", "--save_steps", "2", "--max_steps", "4"))
+    train_layalign.main(arguments(tiny_base_folders, straight, "--stage", "1", "--save_steps", "2", "--max_steps", "5"))
     train_layalign.main(
         arguments(
             tiny_base_folders,
             resumed,
-            "--stage", "1", "--save_steps", "2", "--max_steps", "4",
+            "--stage", "1", "--save_steps", "2", "--max_steps", "5",
             "--resume_from_checkpoint", str(straight / "checkpoint-2"),
         )
     )  # fmt: skip
@@ -88,7 +88,7 @@ def test_resumed_training_continues_exactly_where_it_stopped(tiny_base_folders, 
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
-    # The resumed run carries the first two steps over from the checkpoint and logs the same last two.
+    # The resumed run carries the first two steps over from the checkpoint and logs the same last three.
     assert logged_losses(resumed) == logged_losses(straight)
 
 
@@ -136,9 +136,20 @@ def test_a_lora_run_saves_a_merged_checkpoint_that_reloads(tiny_base_folders, tm
     batch = {key: value for key, value in batch.items() if key != "labels"}
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, merged(**batch).logits, rtol=0, atol=1e-5)
-    train_layalign.main(
-        arguments(tiny_base_folders, tmp_path / "again", "--stage", "2", "--init_from", str(tmp_path), "--max_steps", "1")
-    )
+    # A stage 2 from it trains the LayAlign modules only, over the merged LLM, and saves that LLM again.
+    recorder = TrainableNames()
+    again = train_layalign.main(
+        arguments(tiny_base_folders, tmp_path / "again", "--stage", "2", "--init_from", str(tmp_path), "--max_steps", "1"),
+        callbacks=[recorder],
+    ).model.eval()
+    assert recorder.names == {name for name in recorder.names if name.split(".", 1)[0] in reloaded.layalign_module_names}
+    assert recorder.names and reloaded.config.modified_bases == again.config.modified_bases == ["llm"]
+    stage_two = LayAlignForCausalLM.from_pretrained(tmp_path / "again")
+    assert stage_two.config.checkpoint_format == "full"
+    for name, weight in stage_two.llm.state_dict().items():
+        assert torch.equal(weight, reloaded.llm.state_dict()[name]), name  # the merge is kept, and unchanged
+    with torch.no_grad():
+        assert torch.equal(stage_two(**batch).logits, again(**batch).logits)
 
 
 def test_gradient_checkpointing_and_half_precision_bases(tiny_base_folders, tmp_path):
