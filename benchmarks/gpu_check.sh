@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: on one machine with an NVIDIA GPU and no network (the steps' time limits add up to 16 minutes), run the GPU tests
 # (`pytest -m gpu`: bf16 against fp32, compiled static-cache decoding, SDPA against eager, flash attention when
-# installed, a bf16 training run) and the benchmarks with the `paper` preset (mT5-xl encoder + Llama-2-7B at random
+# installed, a bf16 training run, a 4-bit NF4 LLM trained under and reloaded) and the benchmarks with the `paper` preset (mT5-xl encoder + Llama-2-7B at random
 # init, bf16), eager and with compiled decoding, and one training step under FSDP 2 and DeepSpeed ZeRO-2 on the one
 # GPU (`bench_engines.py`), writing logs and JSON results.
 #
@@ -14,6 +14,8 @@
 # and, for the ZeRO-2 step (skipped without it), deepspeed's pure-Python wheel with the dependencies the machine lacks:
 #   pip wheel --no-deps -w .whl deepspeed==0.19.8
 #   pip download --no-deps --only-binary=:all: -d .whl hjson py-cpuinfo ninja einops msgpack
+# and, for the 4-bit NF4 test (`--quantize nf4`, skipped without it), bitsandbytes' wheel:
+#   pip download --no-deps --only-binary=:all: -d .whl bitsandbytes==0.50.2
 # RESULTS_DIR defaults to $OUT, else gpu_results. PRESET=tiny runs the same steps in seconds (a dry run).
 # Exits non-zero if any step failed; every step still runs.
 set -uo pipefail

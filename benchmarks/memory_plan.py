@@ -1,6 +1,7 @@
 """Memory per GPU for sharded LayAlign training, on paper, from the model's own parameter counts.
 
     python benchmarks/memory_plan.py                 # the paper's pair and a 70B LLM with mT5-xl, 8 GPUs
+    python benchmarks/memory_plan.py --gpus 1 --batch 1   # one GPU: with the LLM in 4-bit (QLoRA-style) too
 
 The models are built on the meta device from the published configs (no download, no memory), and every count below
 is read off them. The rest is arithmetic, stated in `plan()`: frozen bases in bfloat16 (2 bytes per weight); the
@@ -11,6 +12,10 @@ without recomputation, s*b*h*(34 + 5*a*s/h) bytes, or about 2*s*b*h bytes per la
 layer inputs). Gradients must flow through every LLM layer (the input mapping feeds the first), so the frozen LLM's
 activations count in full; the encoder runs without gradients. Not measured: allocator fragmentation, communication
 buffers, the logits (8 x 512 x vocab in float32: 0.5 GB at a 32k vocabulary).
+
+On one GPU the plan adds the LLM loaded in 4-bit NF4 with double quantization (`--quantize nf4`): bitsandbytes stores
+the weights of every linear layer of the decoder in 4 bits plus one 8-bit scale per block of 64 and one float32
+scale per 256 blocks (4.127 bits per weight), and keeps the embeddings, the output layer and the norms in bfloat16.
 """
 
 import argparse
@@ -28,15 +33,24 @@ LLAMA_2_70B = dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, 
 PAIRS = {"mT5-xl + Llama-2-7B (the paper's pair)": LLAMA_2_7B, "mT5-xl + Llama-2-70B": LLAMA_2_70B}
 
 
+# bitsandbytes NF4 with double quantization: 4 bits, an 8-bit absmax per 64 weights, a float32 scale per 256 blocks.
+NF4_BYTES_PER_WEIGHT = (4 + 8 / 64 + 32 / (64 * 256)) / 8
+
+
 def parameter_counts(llm: dict) -> dict[str, int]:
-    """Encoder, LLM and trainable LayAlign weights of the pair, counted on the meta device."""
+    """Encoder, LLM (and the part of it in the decoder's linear layers, what 4-bit quantization packs) and trainable
+    LayAlign weights of the pair, counted on the meta device."""
     config = LayAlignConfig(encoder_config=MT5Config(**MT5_XL).to_dict() | {"model_type": "mt5"}, text_config=LlamaConfig(**llm).to_dict())
     with torch.device("meta"):
         model = LayAlignForCausalLM(config)
     trainable = sum(p.numel() for name in model.layalign_module_names if (m := getattr(model, name)) is not None for p in m.parameters())
+    decoder_linear = sum(
+        module.weight.numel() for module in model.llm.get_decoder().modules() if isinstance(module, torch.nn.Linear)
+    )
     return {
         "encoder": sum(p.numel() for p in model.encoder.parameters()),
         "llm": sum(p.numel() for p in model.llm.parameters()),
+        "llm_decoder_linear": decoder_linear,
         "trainable": trainable,
     }
 
@@ -52,6 +66,10 @@ def plan(counts: dict[str, int], llm: dict, gpus: int) -> list[tuple[str, float,
     bases = 2 * (counts["encoder"] + counts["llm"]) / GIB
     trainable_state = 16 * counts["trainable"] / GIB
     trainable_weights_and_grads = 8 * counts["trainable"] / GIB  # float32 weight + float32 gradient
+    if gpus == 1:
+        quantized_llm = NF4_BYTES_PER_WEIGHT * counts["llm_decoder_linear"] + 2 * (counts["llm"] - counts["llm_decoder_linear"])
+        four_bit_bases = (2 * counts["encoder"] + quantized_llm) / GIB
+        return [("one GPU, bases in bf16", bases + trainable_state), ("one GPU, LLM in 4-bit NF4", four_bit_bases + trainable_state)]
     return [
         ("DDP", bases + trainable_state),
         ("ZeRO-2", bases + trainable_weights_and_grads / 2 + (trainable_state - trainable_weights_and_grads / 2) / gpus),
@@ -61,7 +79,7 @@ def plan(counts: dict[str, int], llm: dict, gpus: int) -> list[tuple[str, float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs; 1 gives the one-GPU rows, 4-bit LLM included.")
     parser.add_argument("--batch", type=int, default=8, help="Sequences per GPU per micro-step (the paper: 8).")
     args = parser.parse_args()
     for title, llm in PAIRS.items():

@@ -14,7 +14,9 @@ A `--preset` (a file in `configuration/presets/`) fills in defaults for the mode
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from transformers.utils import logging
 
 from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
 from modeling_layalign.bases_layalign import check_training_checkpoint
+from modeling_layalign.saving_layalign import LORA_SUBFOLDER
 from modeling_layalign.data import (
     MATH_PROMPT,
     PAIR_LANGUAGES,
@@ -44,6 +47,38 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 
 
 logger = logging.get_logger("train_layalign")
+
+
+def _bitsandbytes(**options):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**options)
+
+
+def _quanto(weights: str):
+    from transformers import QuantoConfig
+
+    return QuantoConfig(weights=weights)
+
+
+def _torchao_int8():
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+# `--quantize` methods -> their transformers config, given the dtype the model computes in. `nf4` is QLoRA's
+# (bitsandbytes 4-bit NormalFloat with double quantization); bitsandbytes' 4-bit needs a GPU in practice (see docs).
+QUANTIZATION_METHODS = {
+    "nf4": lambda dtype: _bitsandbytes(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    ),
+    "int8": lambda dtype: _bitsandbytes(load_in_8bit=True),
+    "quanto-int8": lambda dtype: _quanto("int8"),
+    "quanto-int4": lambda dtype: _quanto("int4"),
+    "torchao-int8": lambda dtype: _torchao_int8(),
+}
 PRESET_DIR = REPOSITORY / "configuration" / "presets"
 
 
@@ -65,6 +100,13 @@ class ModelArguments:
     use_input_mapping: bool = field(default=True)
     train_llm: bool = field(default=False, metadata={"help": "Fine-tune the whole LLM (saves full checkpoints)."})
     encoder_dropout_in_training: bool = field(default=True, metadata={"help": "Keep the frozen encoder's dropout on."})
+    quantize: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Load the LLM quantized (the encoder stays as it is): one of {sorted(QUANTIZATION_METHODS)}. "
+            "Recorded in the checkpoint, so `--init_from` and `from_pretrained` load it quantized again."
+        },
+    )
     lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LLM; 0 trains no LoRA."})
     lora_alpha: int = field(default=16)
     lora_target: str = field(
@@ -130,10 +172,28 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tra
     return parser.parse_args_into_dataclasses(args=preset_arguments(argv) + cleaned)
 
 
+def quantization_config(method: str | None, dtype: torch.dtype):
+    """The transformers quantization config of a `--quantize` method (None: no quantization)."""
+    if method is None:
+        return None
+    if method not in QUANTIZATION_METHODS:
+        raise SystemExit(f"Unknown `--quantize` {method!r}; pass one of {sorted(QUANTIZATION_METHODS)}.")
+    return QUANTIZATION_METHODS[method](dtype)
+
+
 def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[LayAlignForCausalLM, LayAlignProcessor]:
     dtype = getattr(torch, model_args.dtype)
+    quantization = quantization_config(model_args.quantize, dtype)
     if model_args.init_from:
-        model = LayAlignForCausalLM.from_pretrained(model_args.init_from, dtype=dtype)
+        # A checkpoint trained over a quantized LLM loads it quantized again; `--quantize` replaces that.
+        loading = {"quantization_config": quantization} if quantization is not None else {}
+        model = LayAlignForCausalLM.from_pretrained(model_args.init_from, dtype=dtype, **loading)
+        if getattr(model, "_hf_peft_config_loaded", False):
+            raise SystemExit(
+                f"`--init_from` {model_args.init_from} carries a LoRA kept as an adapter (its `lora/` folder), the "
+                "output of a LoRA run over a quantized LLM: evaluate it as it is, or start the next run from the "
+                "checkpoint that run started from."
+            )
         processor = LayAlignProcessor.from_pretrained(model_args.init_from)
         processor.prompt_template = data_args.prompt_template
         processor.max_source_length = data_args.max_source_length
@@ -155,7 +215,11 @@ def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[L
         if getattr(model_args, name) is not None:
             config_fields[name] = getattr(model_args, name)
     model = LayAlignForCausalLM.from_base_models(
-        encoder, llm, encoder_kwargs={"dtype": dtype}, llm_kwargs={"dtype": dtype}, **config_fields
+        encoder,
+        llm,
+        encoder_kwargs={"dtype": dtype},
+        llm_kwargs={"dtype": dtype, **({"quantization_config": quantization} if quantization is not None else {})},
+        **config_fields,
     )
     tokenizer = AutoTokenizer.from_pretrained(llm)
     if tokenizer.pad_token is None:
@@ -255,7 +319,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Traine
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     if model_args.lora_r:
-        save_merged(trainer.model, processor, training_args.output_dir)
+        save_lora_run(trainer.model, processor, training_args.output_dir)
     trainer.save_state()
     return trainer
 
@@ -271,10 +335,23 @@ def merge_lora(model) -> LayAlignForCausalLM:
     return merged
 
 
-def save_merged(model, processor: LayAlignProcessor, output_dir: str) -> None:
-    """Replaces the LoRA adapter that `Trainer` saved with the merged model ([`merge_lora`]), a full checkpoint that
-    `--init_from`, `evaluate_layalign.py` and `from_pretrained` load like any LayAlign checkpoint."""
-    merge_lora(model).save_pretrained(output_dir)
+def save_lora_run(model, processor: LayAlignProcessor, output_dir: str) -> None:
+    """Replaces the peft adapter that `Trainer` saved with a LayAlign checkpoint that `--init_from`,
+    `evaluate_layalign.py` and `from_pretrained` load like any other.
+
+    Over a full-precision LLM the adapters are merged ([`merge_lora`]): a full checkpoint. Over a quantized LLM they
+    stay an adapter, as QLoRA users expect (merging would round the update away in the quantized weights): the
+    trained LayAlign modules in a LayAlign-only checkpoint, the LoRA in its `lora/` folder, which `from_pretrained`
+    attaches again.
+    """
+    if getattr(model.get_base_model(), "quantization_method", None) is None:
+        merge_lora(model).save_pretrained(output_dir)
+    else:
+        with tempfile.TemporaryDirectory(dir=Path(output_dir).parent) as adapter:
+            model.save_pretrained(adapter)
+            # The trained copies of the LayAlign modules over the unmerged LLM; the save replaces any older `lora/`.
+            model.unload().save_pretrained(output_dir)
+            shutil.copytree(adapter, Path(output_dir) / LORA_SUBFOLDER)
     processor.save_pretrained(output_dir)  # a model save replaces the processor files it finds
 
 

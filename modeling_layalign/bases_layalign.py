@@ -32,16 +32,19 @@ def base_fingerprint(
     Cheap, unchanged by loading the base in another dtype (compared up to one rounding step of the coarser dtype),
     and different for a fine-tuned copy of the same architecture, whose weights have moved by more than that.
 
+    Only plain floating-point weights are sampled (see [`is_comparable_weight`]): in a quantized base these are the
+    embeddings and norms, which quantization leaves as they are.
+
     `state_dict` (keys `prefix` + the base's own names) is the whole model's state dict that a sharding engine
     gathers for saving (FSDP's full state dict, ZeRO-3's consolidated weights): under sharding the base's
     parameters hold only this process's shard, so the values come from the gathered weights, and a weight the
     gathered dict lacks is left out of the fingerprint (loading then skips it) rather than read from a shard.
     """
-    names = [name for name, _ in model.named_parameters()]
+    names = [name for name, parameter in model.named_parameters() if is_comparable_weight(parameter)]
     fingerprint = {}
-    for name in dict.fromkeys(names[index] for index in (0, len(names) // 2, len(names) - 1)):
+    for name in dict.fromkeys(names[index] for index in (0, len(names) // 2, len(names) - 1) if names):
         weight = model.get_parameter(name) if state_dict is None else state_dict.get(prefix + name)
-        if weight is not None:
+        if weight is not None and is_comparable_weight(weight):
             fingerprint[name] = {
                 "numel": weight.numel(),
                 "dtype": str(weight.dtype).removeprefix("torch."),
@@ -52,12 +55,11 @@ def base_fingerprint(
 
 def check_base_fingerprint(model: PreTrainedModel, expected: dict[str, dict], source_field: str) -> None:
     """Raises a `ValueError` naming `source_field` if `model`'s weights differ from the fingerprint saved with the
-    checkpoint. Weights it cannot compare (quantised, offloaded, renamed) are skipped."""
+    checkpoint. Weights it cannot compare (quantized, offloaded, renamed, sharded) are skipped."""
     parameters = dict(model.named_parameters())
     for name, saved in expected.items():
         weight = parameters.get(name)
-        comparable = weight is not None and weight.dtype.is_floating_point and weight.device.type != "meta"
-        if not comparable or weight.numel() != saved["numel"]:
+        if weight is None or not is_comparable_weight(weight) or weight.numel() != saved["numel"]:
             logger.info(f"Cannot compare `{name}` of the base in `{source_field}` with the checkpoint's fingerprint.")
             continue
         values = torch.tensor(_sample(weight, len(saved["values"])), dtype=torch.float64)
@@ -70,6 +72,13 @@ def check_base_fingerprint(model: PreTrainedModel, expected: dict[str, dict], so
                 f"would give wrong results over it. Pass `{source_field}=` the base it was trained on, or "
                 "`check_base_weights=False` if you know better."
             )
+
+
+def is_comparable_weight(weight: torch.Tensor) -> bool:
+    """Whether `weight` holds plain floating-point values that a fingerprint can sample: not a quantized weight
+    (bitsandbytes' packed `Params4bit` / `Int8Params`, torchao's and quanto's tensor subclasses, which report a
+    float dtype but hold other values) and not on the meta device."""
+    return weight.dtype.is_floating_point and type(weight.detach()) is torch.Tensor and weight.device.type != "meta"
 
 
 def _sample(weight: torch.Tensor, count: int) -> list[float]:

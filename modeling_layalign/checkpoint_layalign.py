@@ -27,7 +27,7 @@ from .configuration_layalign import BASES, CHECKPOINT_FORMATS, LayAlignConfig
 from .encoders_layalign import encoder_family
 from .legacy_layalign import load_gates_of_full_checkpoint
 from .pipeline_layalign import custom_pipelines_entry
-from .saving_layalign import interrupted_save_location, save_atomically
+from .saving_layalign import LORA_SUBFOLDER, interrupted_save_location, save_atomically
 
 
 logger = logging.get_logger(__name__)
@@ -174,6 +174,12 @@ class LayAlignCheckpointMixin:
                 f"`save_directory` {os.fspath(save_directory)!r} is a file, not a folder: pass a folder path (the file "
                 "is left as it is)."
             )
+        if getattr(self, "_hf_peft_config_loaded", False):
+            raise ValueError(
+                "This model carries a LoRA adapter (`load_adapter`, or the `lora/` folder of the checkpoint it was "
+                "loaded from), which neither checkpoint form holds: save the adapter with peft (`train_layalign.py` "
+                f"does, into `{LORA_SUBFOLDER}/`), or load the checkpoint with `load_lora=False`."
+            )
         checkpoint_format = checkpoint_format or self.default_checkpoint_format()
         if checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(f"`checkpoint_format` must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}.")
@@ -215,7 +221,10 @@ class LayAlignCheckpointMixin:
         `device_map`, `attn_implementation`, `quantization_config` and the download options apply to them), checks
         that their weights are the ones it was saved with (`check_base_weights=False` skips this), then loads the
         LayAlign weights, and fails if any LayAlign weight is missing or unexpected: plain
-        `PreTrainedModel.from_pretrained` would silently give random bases instead.
+        `PreTrainedModel.from_pretrained` would silently give random bases instead. A base trained quantized loads
+        quantized again (see [`base_load_kwargs`] for the per-base arguments `encoder_kwargs=` / `llm_kwargs=`), and a
+        LoRA kept in the checkpoint's `lora/` folder is attached with transformers' `load_adapter`
+        (`load_lora=False` leaves it out).
         """
         folder = Path(pretrained_model_name_or_path)
         if not folder.exists() and (previous := interrupted_save_location(folder)) is not None:
@@ -243,6 +252,7 @@ class LayAlignCheckpointMixin:
             if (source := kwargs.pop(source_field, None)) is not None:
                 setattr(config, source_field, os.fspath(source))
         check_base_weights = kwargs.pop("check_base_weights", True)
+        load_lora = kwargs.pop("load_lora", True)
         if config.checkpoint_format != "layalign_only":
             # Saved before `modified_bases` existed: whether its bases still equal their sources is unknown.
             saved_before_modified_bases = config.modified_bases is None
@@ -256,11 +266,11 @@ class LayAlignCheckpointMixin:
             # Loading replaces every parameter, trainable or not: the config says which parts train.
             model.apply_trainable_parts()
             return loaded
-        return cls._from_layalign_only(pretrained_model_name_or_path, config, check_base_weights, **kwargs)
+        return cls._from_layalign_only(pretrained_model_name_or_path, config, check_base_weights, load_lora, **kwargs)
 
     @classmethod
     def _from_layalign_only(
-        cls, path: str | os.PathLike, config: LayAlignConfig, check_base_weights: bool, **kwargs
+        cls, path: str | os.PathLike, config: LayAlignConfig, check_base_weights: bool, load_lora: bool, **kwargs
     ) -> PreTrainedModel:
         file_kwargs = {key: kwargs.pop(key) for key in LAYALIGN_FILE_KWARGS if key in kwargs}
         shared = {key: kwargs[key] for key in SHARED_LOAD_KWARGS if key in kwargs}
@@ -272,13 +282,7 @@ class LayAlignCheckpointMixin:
         )
         for source_field, role in (("encoder_name_or_path", "encoder"), ("llm_name_or_path", "LLM")):
             check_base_source(getattr(config, source_field), source_field, role, shared)
-        encoder_kwargs, llm_kwargs = dict(kwargs), dict(kwargs)
-        if isinstance(implementation := kwargs.get("attn_implementation"), dict):
-            # Routed by sub-config name, as `from_pretrained` routes it for a full checkpoint.
-            for base_kwargs, key in ((encoder_kwargs, "encoder_config"), (llm_kwargs, "text_config")):
-                base_kwargs.pop("attn_implementation")
-                if key in implementation:
-                    base_kwargs["attn_implementation"] = implementation[key]
+        encoder_kwargs, llm_kwargs = base_load_kwargs(config, kwargs)
         model = cls.from_base_models(
             config.encoder_name_or_path,
             config.llm_name_or_path,
@@ -295,6 +299,10 @@ class LayAlignCheckpointMixin:
         )
         if generation_file is not None:
             model.generation_config = GenerationConfig.from_pretrained(path, **download)
+        lora_folder = f"{file_kwargs.get('subfolder') or ''}/{LORA_SUBFOLDER}".lstrip("/")
+        lora = {**download, "subfolder": lora_folder}
+        if load_lora and cached_file(path, "adapter_config.json", _raise_exceptions_for_missing_entries=False, **lora):
+            model.load_adapter(os.fspath(path), adapter_kwargs=lora)
         model.eval()
         return model
 
@@ -310,6 +318,43 @@ class LayAlignCheckpointMixin:
                 f"The LayAlign checkpoint does not fit this model: missing {missing}, unexpected "
                 f"{sorted(result.unexpected_keys)}."
             )
+
+
+def base_load_kwargs(config: LayAlignConfig, kwargs: dict) -> tuple[dict, dict]:
+    """The `from_pretrained` keyword arguments of the encoder and of the LLM, when a LayAlign-only checkpoint loads
+    them from their sources.
+
+    Shared arguments (`dtype`, `device_map`, download options) go to both; `attn_implementation` given as a dict is
+    routed by sub-config name, as transformers routes it for a full checkpoint. A base trained quantized is loaded
+    quantized again with the `quantization_config` its sub-config recorded; `quantization_config=` given here
+    replaces the LLM's (a quantized encoder is rare and its layers differ: pass it in `encoder_kwargs`). Last,
+    `encoder_kwargs=` / `llm_kwargs=` replace anything for one base.
+    """
+    kwargs = dict(kwargs)
+    per_base = {"encoder": kwargs.pop("encoder_kwargs", None) or {}, "llm": kwargs.pop("llm_kwargs", None) or {}}
+    llm_quantization = kwargs.pop("quantization_config", None)
+    implementation = kwargs.pop("attn_implementation", None)
+    loads = {"encoder": dict(kwargs), "llm": dict(kwargs)}
+    for base, sub_config_name in (("encoder", "encoder_config"), ("llm", "text_config")):
+        if isinstance(implementation, dict):
+            if sub_config_name in implementation:
+                loads[base]["attn_implementation"] = implementation[sub_config_name]
+        elif implementation is not None:
+            loads[base]["attn_implementation"] = implementation
+        if (recorded := getattr(getattr(config, sub_config_name), "quantization_config", None)) is not None:
+            loads[base]["quantization_config"] = quantization_config_object(recorded)
+    if llm_quantization is not None:
+        loads["llm"]["quantization_config"] = llm_quantization
+    for base in BASES:
+        loads[base].update(per_base[base])
+    return loads["encoder"], loads["llm"]
+
+
+def quantization_config_object(recorded):
+    """A quantization config as `from_pretrained` takes it, from the dict that a saved sub-config holds."""
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    return AutoQuantizationConfig.from_dict(recorded) if isinstance(recorded, dict) else recorded
 
 
 def hub_kwargs(kwargs: dict) -> dict:

@@ -133,6 +133,11 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
         config.encoder_config = self.encoder.config
         config.text_config = self.llm.config
         config.modified_bases = config.modified_bases or []
+        # What transformers sets on a quantized model, taken from the LLM: peft then wraps its quantized layers with
+        # its quantized LoRA layers, and transformers refuses to cast the model to another dtype.
+        for attribute in ("quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+            if hasattr(self.llm, attribute):
+                setattr(self, attribute, getattr(self.llm, attribute))
 
         encoder_width, llm_width = config.encoder_config.hidden_size, config.text_config.hidden_size
         self.input_mapping = LayAlignInputMapping(encoder_width, llm_width) if config.use_input_mapping else None

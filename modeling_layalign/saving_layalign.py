@@ -38,6 +38,10 @@ logger = logging.get_logger(__name__)
 # What a save replaces in a folder that already holds a checkpoint: every file that transformers loads as part of a
 # model or of its processor (config, generation config, weights, peft adapters, processor, tokenizers, chat templates,
 # vocabularies), and every subfolder holding a tokenizer or processor (a processor's second tokenizer).
+# The subfolder of a LayAlign-only checkpoint that holds a LoRA of its LLM kept as a peft adapter (what a LoRA run
+# over a quantized LLM saves: merging it would round the update away in the quantized weights). Part of the model:
+# a new save removes it, so that a stale adapter is never attached to the new weights.
+LORA_SUBFOLDER = "lora"
 MODEL_FILE_PATTERNS = (
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
@@ -143,7 +147,7 @@ def describes_a_model(item: Path) -> bool:
     if item.is_dir():
         # A processor's second tokenizer; a Trainer's `checkpoint-*` folder holds a tokenizer too, and a model.
         tokenizer = any((item / name).is_file() for name in (TOKENIZER_CONFIG_FILE, PROCESSOR_NAME))
-        return item.name == CHAT_TEMPLATE_DIR or (tokenizer and not (item / CONFIG_NAME).is_file())
+        return item.name in (CHAT_TEMPLATE_DIR, LORA_SUBFOLDER) or (tokenizer and not (item / CONFIG_NAME).is_file())
     return any(fnmatch.fnmatchcase(item.name, pattern) for pattern in MODEL_FILE_PATTERNS)
 
 

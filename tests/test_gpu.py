@@ -131,3 +131,42 @@ def test_bfloat16_training_lowers_the_loss_as_float32_does():
     full, half = _training_losses(torch.float32), _training_losses(torch.bfloat16)
     assert half[-1] < half[0] - 0.05
     assert max(abs(a - b) for a, b in zip(half, full)) < 0.02
+
+
+def test_a_four_bit_nf4_llm_trains_and_reloads_quantized(tmp_path):
+    """QLoRA's quantization (`--quantize nf4`), which needs the GPU: LayAlign over a 4-bit LLM of width 64 (a multiple
+    of NF4's block of 64 weights) trains its own modules, saves LayAlign-only and reloads 4-bit with equal logits."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, MT5EncoderModel
+
+    from modeling_layalign import LayAlignForCausalLM
+
+    from .conftest import ENCODER_CONFIGS, LLM_VOCAB
+
+    torch.manual_seed(0)
+    MT5EncoderModel(ENCODER_CONFIGS["mt5"]()).save_pretrained(tmp_path / "encoder")
+    llm_config = LlamaConfig(vocab_size=LLM_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    AutoModelForCausalLM.from_config(llm_config).save_pretrained(tmp_path / "llm")
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    model = LayAlignForCausalLM.from_base_models(
+        tmp_path / "encoder", tmp_path / "llm", encoder_kwargs={"device_map": "cuda"},
+        llm_kwargs={"quantization_config": nf4, "device_map": "cuda"},
+    )  # fmt: skip
+    assert model.is_loaded_in_4bit and type(model.llm.get_decoder().layers[0].self_attn.k_proj).__name__ == "Linear4bit"
+    set_gates(model, 0.5)
+    inputs = {name: value for name, value in _inputs(model).items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = model(**inputs, labels=inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(parameter.grad is None for parameter in model.llm.parameters())
+    model.eval().save_pretrained(tmp_path / "saved")
+    reloaded = LayAlignForCausalLM.from_pretrained(tmp_path / "saved", device_map="cuda")
+    assert type(reloaded.llm.get_decoder().layers[0].self_attn.k_proj).__name__ == "Linear4bit"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)

@@ -152,6 +152,52 @@ def test_a_lora_run_saves_a_merged_checkpoint_that_reloads(tiny_base_folders, tm
         assert torch.equal(stage_two(**batch).logits, again(**batch).logits)
 
 
+class FinalLogits(TrainerCallback):
+    """Records the trained model's logits on the first batch as the run ends, before the script saves it."""
+
+    def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        self.batch = {key: value for key, value in next(iter(train_dataloader)).items() if key != "labels"}
+        with torch.no_grad():
+            self.logits = model.eval()(**self.batch).logits
+
+
+@pytest.mark.parametrize("method", ["int8", "quanto-int8"])
+def test_both_stages_over_a_quantized_llm_reload_as_trained(method, tiny_base_folders, tmp_path):
+    stage_one = FinalLogits()
+    train_layalign.main(arguments(tiny_base_folders, tmp_path / "stage1", "--stage", "1", "--quantize", method), callbacks=[stage_one])
+    reloaded = LayAlignForCausalLM.from_pretrained(tmp_path / "stage1")
+    assert reloaded.config.text_config.quantization_config  # recorded, and applied again
+    with torch.no_grad():
+        assert torch.equal(reloaded(**stage_one.batch).logits, stage_one.logits)
+
+    # Stage 2 with LoRA from it (`--init_from` loads the LLM quantized again): the LoRA stays an adapter.
+    stage_two = FinalLogits()
+    train_layalign.main(
+        arguments(
+            tiny_base_folders, tmp_path / "stage2", "--stage", "2", "--init_from", str(tmp_path / "stage1"),
+            "--lora_r", "4", "--learning_rate", "1e-2",
+        ),
+        callbacks=[stage_two],
+    )  # fmt: skip
+    assert (tmp_path / "stage2" / "lora" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "stage2" / "config.json").read_text())["checkpoint_format"] == "layalign_only"
+    reloaded = LayAlignForCausalLM.from_pretrained(tmp_path / "stage2")
+    projection = reloaded.llm.get_decoder().layers[0].self_attn.k_proj  # a LoRA layer over the quantized one
+    assert type(projection.base_layer) is type(reloaded_projection(tmp_path / "stage1")) is not torch.nn.Linear
+    with torch.no_grad():
+        assert torch.equal(reloaded(**stage_two.batch).logits, stage_two.logits)
+        without_lora = LayAlignForCausalLM.from_pretrained(tmp_path / "stage2", load_lora=False)
+        assert not torch.equal(without_lora(**stage_two.batch).logits, stage_two.logits)
+    with pytest.raises(ValueError, match="carries a LoRA adapter"):
+        reloaded.save_pretrained(tmp_path / "again")
+    with pytest.raises(SystemExit, match="carries a LoRA kept as an adapter"):
+        train_layalign.main(arguments(tiny_base_folders, tmp_path / "stage3", "--stage", "2", "--init_from", str(tmp_path / "stage2")))
+
+
+def reloaded_projection(folder):
+    return LayAlignForCausalLM.from_pretrained(folder).llm.get_decoder().layers[0].self_attn.k_proj
+
+
 def test_gradient_checkpointing_and_half_precision_bases(tiny_base_folders, tmp_path):
     trainer = train_layalign.main(
         arguments(tiny_base_folders, tmp_path, "--gradient_checkpointing", "--dtype", "bfloat16", "--bf16")
