@@ -187,12 +187,13 @@ def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[L
     if model_args.init_from:
         # A checkpoint trained over a quantized LLM loads it quantized again; `--quantize` replaces that.
         loading = {"quantization_config": quantization} if quantization is not None else {}
-        model = LayAlignForCausalLM.from_pretrained(model_args.init_from, dtype=dtype, **loading)
-        if getattr(model, "_hf_peft_config_loaded", False):
+        # A LoRA kept in the checkpoint is attached by `add_lora`, through peft, to go on training it.
+        model = LayAlignForCausalLM.from_pretrained(model_args.init_from, dtype=dtype, load_lora=False, **loading)
+        if kept_lora(model_args.init_from) is not None and not model_args.lora_r:
             raise SystemExit(
-                f"`--init_from` {model_args.init_from} carries a LoRA kept as an adapter (its `lora/` folder), the "
-                "output of a LoRA run over a quantized LLM: evaluate it as it is, or start the next run from the "
-                "checkpoint that run started from."
+                f"`--init_from` {model_args.init_from} carries a LoRA kept as an adapter (its `{LORA_SUBFOLDER}/` "
+                "folder, from a LoRA run over a quantized LLM): pass `--lora_r` to go on training it (it keeps its "
+                "own rank), or start from the checkpoint that run started from."
             )
         processor = LayAlignProcessor.from_pretrained(model_args.init_from)
         processor.prompt_template = data_args.prompt_template
@@ -235,10 +236,19 @@ def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[L
     return model, processor
 
 
-def add_lora(model: LayAlignForCausalLM, model_args: ModelArguments):
-    """Stock peft LoRA on the LLM's attention; the LayAlign modules stay trainable through `modules_to_save`."""
-    from peft import LoraConfig, get_peft_model
+def kept_lora(checkpoint: str | None) -> Path | None:
+    """The folder of the LoRA that a checkpoint keeps as an adapter (see `save_lora_run`), if it has one."""
+    folder = Path(checkpoint) / LORA_SUBFOLDER if checkpoint else None
+    return folder if folder is not None and (folder / "adapter_config.json").is_file() else None
 
+
+def add_lora(model: LayAlignForCausalLM, model_args: ModelArguments):
+    """Stock peft LoRA on the LLM's attention; the LayAlign modules stay trainable through `modules_to_save`. A LoRA
+    that `--init_from` keeps goes on training instead (with its own configuration)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if (adapter := kept_lora(model_args.init_from)) is not None:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     config = LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,

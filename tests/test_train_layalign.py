@@ -164,7 +164,10 @@ class FinalLogits(TrainerCallback):
 @pytest.mark.parametrize("method", ["int8", "quanto-int8"])
 def test_both_stages_over_a_quantized_llm_reload_as_trained(method, tiny_base_folders, tmp_path):
     stage_one = FinalLogits()
-    train_layalign.main(arguments(tiny_base_folders, tmp_path / "stage1", "--stage", "1", "--quantize", method), callbacks=[stage_one])
+    train_layalign.main(
+        arguments(tiny_base_folders, tmp_path / "stage1", "--stage", "1", "--quantize", method, "--gradient_checkpointing"),
+        callbacks=[stage_one],
+    )
     reloaded = LayAlignForCausalLM.from_pretrained(tmp_path / "stage1")
     assert reloaded.config.text_config.quantization_config  # recorded, and applied again
     with torch.no_grad():
@@ -190,8 +193,19 @@ def test_both_stages_over_a_quantized_llm_reload_as_trained(method, tiny_base_fo
         assert not torch.equal(without_lora(**stage_two.batch).logits, stage_two.logits)
     with pytest.raises(ValueError, match="carries a LoRA adapter"):
         reloaded.save_pretrained(tmp_path / "again")
-    with pytest.raises(SystemExit, match="carries a LoRA kept as an adapter"):
+
+    # `--init_from` it goes on training the same LoRA, from the same model: at learning rate 0 it ends as it began.
+    with pytest.raises(SystemExit, match="pass `--lora_r` to go on training it"):
         train_layalign.main(arguments(tiny_base_folders, tmp_path / "stage3", "--stage", "2", "--init_from", str(tmp_path / "stage2")))
+    train_layalign.main(
+        arguments(
+            tiny_base_folders, tmp_path / "again", "--stage", "2", "--init_from", str(tmp_path / "stage2"),
+            "--lora_r", "4", "--learning_rate", "0", "--max_steps", "1",
+        )
+    )  # fmt: skip
+    continued = LayAlignForCausalLM.from_pretrained(tmp_path / "again")
+    with torch.no_grad():
+        assert torch.equal(continued(**stage_two.batch).logits, stage_two.logits)
 
 
 def reloaded_projection(folder):
