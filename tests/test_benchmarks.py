@@ -22,23 +22,42 @@ def benchmark_module(monkeypatch):
     return importlib.import_module
 
 
+def printed_rows(printed: str, name: str) -> list[list[str]]:
+    """The cells of every printed table row of `name`, in the order the tables were printed."""
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in printed.splitlines() if line.startswith(f"| {name} |")]
+
+
 def test_training_benchmark_compares_the_three_steps(benchmark_module, tmp_path, capsys):
     results = benchmark_module("bench_train").main(["--preset", "tiny", "--repeats", "1", "--json", str(tmp_path / "r.json")])
     printed = capsys.readouterr().out
     assert "stage 1 training step" in printed and "stage 2 training step" in printed
-    for stage in ("stage 1", "stage 2"):
-        assert set(results[stage]) == {"LayAlign", "MindMerger mode", "LLM alone, to its inputs"}
-        assert all(entry["seconds"] > 0 for entry in results[stage].values())
     assert json.loads((tmp_path / "r.json").read_text())["preset"] == "tiny"
+    names = ("LayAlign", "MindMerger mode", "LLM alone, to its inputs")
+    rows = {name: printed_rows(printed, name) for name in names}
+    for index, stage in enumerate(("stage 1", "stage 2")):
+        assert set(results[stage]) == set(names)
+        seconds = {name: results[stage][name]["seconds"] for name in names}
+        assert all(value > 0 for value in seconds.values())
+        # Each step against the two baselines measured in the same run, as the table says.
+        for name in names:
+            ratios = rows[name][index][3:5]
+            assert ratios == [f"{seconds[name] / seconds['MindMerger mode']:.2f}x", f"{seconds[name] / seconds[names[2]]:.2f}x"]
+        assert rows["MindMerger mode"][index][3] == rows[names[2]][index][4] == "1.00x"
 
 
 def test_generation_benchmark_reports_decode_and_prefill(benchmark_module, capsys):
     results = benchmark_module("bench_generate").main(["--preset", "tiny", "--repeats", "1"])
     printed = capsys.readouterr().out
     assert printed.count("| LLM alone | ") == 2  # one table per batch size
-    for batch in ("batch 1", "batch 4"):
-        for entry in results[batch].values():
-            assert entry["prefill_seconds"] > 0 and entry["generate_seconds"] > 0  # no timing is compared
+    for index, batch in enumerate(("batch 1", "batch 4")):
+        base = results[batch]["LLM alone"]
+        for name, entry in results[batch].items():
+            assert entry["prefill_seconds"] > 0 and entry["generate_seconds"] > 0
+            # Decoding speed and prefill time, each against the LLM alone measured in the same run.
+            decode, prefill = entry["decode_tokens_per_second"], entry["prefill_seconds"]
+            cells = printed_rows(printed, name)[index]
+            assert cells[2] == f"{decode / base['decode_tokens_per_second']:.2f}x"
+            assert cells[3:5] == [f"{prefill * 1000:.1f}", f"{prefill / base['prefill_seconds']:.2f}x"]
 
 
 def test_checkpoint_benchmark_writes_both_forms(benchmark_module, capsys):

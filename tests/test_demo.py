@@ -3,7 +3,14 @@
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
+from modeling_layalign.data import MATH_PROMPT
+from modeling_layalign.evaluation import layalign_target_loss, llm_target_loss
+from modeling_layalign.ladder import load_mgsm_with_answers
+
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -14,10 +21,22 @@ import demo  # noqa: E402
 def test_ladder_rows_compare_each_stage_two_model_with_the_llm_alone(tiny_layalign_folder):
     models = {"trained now": LayAlignForCausalLM.from_pretrained(tiny_layalign_folder)}
     models["shipped"] = LayAlignForCausalLM.from_pretrained(tiny_layalign_folder)
+    with torch.no_grad():  # another stage-2 model over the same LLM
+        models["shipped"].input_mapping.down.weight.mul_(4.0)
     processor = LayAlignProcessor.from_pretrained(tiny_layalign_folder)
     rows = demo.ladder_rows(models, processor, ["sw", "te"], questions=2)
     assert [row[:2] for row in rows] == [["trained now", "sw"], ["trained now", "te"], ["shipped", "sw"], ["shipped", "te"]]
-    assert rows[0][2:] == rows[2][2:]  # the same weights give the same ladder
     assert all(len(row) == 8 for row in rows)
-    a, b, c, d = (float(cell) for cell in rows[1][2:6])
-    assert abs(float(rows[1][6]) - (d - c)) <= 0.0011 and rows[1][7].endswith("%")
+    examples = load_mgsm_with_answers(["sw", "te"], limit=2)
+    for name, language, *cells in rows:
+        model, questions = models[name], examples.filter(lambda row: row["language"] == language)
+        prompts = {column: [MATH_PROMPT.format(query=q) for q in questions[column]] for column in ("english", "source")}
+        sources, targets = questions["source"], questions["target"]
+        english = llm_target_loss(model.llm, processor.tokenizer, prompts["english"], targets)  # (a)
+        in_language = llm_target_loss(model.llm, processor.tokenizer, prompts["source"], targets)  # (b)
+        real = layalign_target_loss(model, processor, sources, targets, prompts=prompts["source"])  # (c)
+        shuffled = layalign_target_loss(model, processor, sources[1:] + sources[:1], targets, prompts=prompts["source"])
+        expected = [english, in_language, real, shuffled, shuffled - real]
+        assert [float(cell) for cell in cells[:5]] == pytest.approx(expected, abs=0.0011)
+        assert cells[5] == f"{(in_language - real) / (in_language - english):.0%}"
+    assert rows[0][4:6] != rows[2][4:6]  # each model's own rungs (c), (d); the LLM's (a), (b) are shared

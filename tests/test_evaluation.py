@@ -1,6 +1,7 @@
 """Scoring helpers: number extraction, per-token losses and batched generation, on tiny models."""
 
 import pytest
+import sacrebleu
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -67,6 +68,22 @@ def test_number_recall_counts_the_sources_numbers_found_in_the_outputs():
     assert number_recall(["no numbers"], ["7"]) is None
 
 
+def greedy_reconstructions(model, processor, sources: list[str], max_new_tokens: int) -> list[str]:
+    """What greedy decoding reads after `[BOS, mapped source, boundary]`, one source at a time, each token checked to
+    be the argmax of one teacher-forced forward pass over the whole continuation."""
+    texts = []
+    for source in sources:
+        encoded = processor.encoder_tokenizer(processor.encoder_text_prefix + source, return_tensors="pt")
+        encoder = {"encoder_input_ids": encoded["input_ids"], "encoder_attention_mask": encoded["attention_mask"]}
+        with torch.no_grad():
+            tokens = model.generate(**encoder, max_new_tokens=max_new_tokens, do_sample=False)
+            logits = model(input_ids=tokens, **encoder).logits
+        first = model.num_prefix_positions(encoded["input_ids"].shape[1]) - 1
+        assert torch.equal(logits[:, first : first + tokens.shape[1]].argmax(-1), tokens)
+        texts.append(processor.tokenizer.decode(tokens[0], skip_special_tokens=True).strip())
+    return texts
+
+
 def test_alignment_scores_compare_the_real_source_with_a_shuffled_one(model_and_processor):
     model, processor = model_and_processor
     scores = alignment_scores(model, processor, SOURCES, TARGETS, num_generations=2, max_new_tokens=4)
@@ -74,7 +91,10 @@ def test_alignment_scores_compare_the_real_source_with_a_shuffled_one(model_and_
     shuffled = layalign_target_loss(model, processor, SOURCES[1:] + SOURCES[:1], TARGETS)
     assert scores["shuffled_loss"] == pytest.approx(shuffled)
     assert scores["gap"] == pytest.approx(shuffled - scores["loss"])
-    assert 0 <= scores["chrf"] <= 100 and scores["distinct_reconstructions"] in (0.5, 1.0)
+    reconstructions = greedy_reconstructions(model, processor, SOURCES[:2], max_new_tokens=4)
+    expected = sacrebleu.corpus_chrf([text.split("\n")[0] for text in reconstructions], [TARGETS[:2]]).score
+    assert scores["chrf"] == pytest.approx(expected)
+    assert scores["distinct_reconstructions"] == len(set(reconstructions)) / 2
     with pytest.raises(ValueError, match="at least two pairs"):
         alignment_scores(model, processor, SOURCES[:1], TARGETS[:1], num_generations=1)
 
@@ -90,9 +110,15 @@ def test_llm_target_loss_matches_the_models_own_loss(tiny_base_folders):
             input_ids=torch.tensor([ids + target_ids]), labels=torch.tensor([[-100] * len(ids) + target_ids])
         ).loss.item()
     assert llm_target_loss(llm, tokenizer, [prompt], [target]) == pytest.approx(expected, rel=1e-6)
-    batched = llm_target_loss(llm, tokenizer, [prompt, "Q: Weng"], [target, " Weng earns"], batch_size=2)
-    separate = [llm_target_loss(llm, tokenizer, [p], [t]) for p, t in ((prompt, target), ("Q: Weng", " Weng earns"))]
-    assert min(separate) <= batched <= max(separate)
+    pairs = ((prompt, target), ("Q: Weng", " Weng earns ten dollars an hour"))
+    separate = [llm_target_loss(llm, tokenizer, [p], [t]) for p, t in pairs]
+    # The mean per target token over both: each example weighs as many target tokens as it has (EOS included),
+    # whether they share a batch or not.
+    tokens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for _, t in pairs]
+    assert tokens[0] != tokens[1]
+    expected = sum(loss * count for loss, count in zip(separate, tokens)) / sum(tokens)
+    for batch_size in (1, 2):
+        assert llm_target_loss(llm, tokenizer, *map(list, zip(*pairs)), batch_size=batch_size) == pytest.approx(expected, rel=1e-5)
 
 
 def test_batched_generation_equals_one_at_a_time(model_and_processor):
@@ -102,7 +128,7 @@ def test_batched_generation_equals_one_at_a_time(model_and_processor):
     alone = [layalign_generate(model, processor, [s], [p], max_new_tokens=4)[0] for s, p in zip(SOURCES, prompts)]
     assert batched == alone
     without_prompt = layalign_generate(model, processor, SOURCES, max_new_tokens=4)
-    assert len(without_prompt) == 3 and all(isinstance(text, str) for text in without_prompt)
+    assert without_prompt == greedy_reconstructions(model, processor, SOURCES, max_new_tokens=4)
 
 
 def test_llm_generate_pads_left_and_restores_the_tokenizer(model_and_processor):

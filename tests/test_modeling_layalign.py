@@ -323,13 +323,28 @@ def test_a_compiled_decoding_step_is_one_graph_and_generates_the_same(generator)
     assert compiled.tolist() == model.generate(**inputs, **settings).tolist()
 
 
-def test_one_beam_equals_greedy(generator):
+def test_beam_search_scores_are_the_models_own_log_probabilities(generator):
+    """Each example's best beam, scored as the sum of its tokens' log-probabilities (`length_penalty=0`), equals what
+    one forward pass of the model gives that sequence: every beam read its own example's fused keys and values."""
     model = tiny_model("mistral")
     set_gates(model, 0.7)
     inputs, _, _ = make_batch(model, generator, text_side="left")
-    greedy = model.generate(**inputs, max_new_tokens=5, do_sample=False, eos_token_id=None)
-    one_beam = model.generate(**inputs, max_new_tokens=5, num_beams=1, do_sample=False, eos_token_id=None)
-    assert greedy.tolist() == one_beam.tolist()
+    out = model.generate(
+        **inputs, max_new_tokens=5, num_beams=3, do_sample=False, eos_token_id=None, length_penalty=0.0,
+        output_scores=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    prompt_len = inputs["input_ids"].shape[1]
+    generated = out.sequences[:, prompt_len:]
+    with torch.no_grad():
+        logits = model(
+            input_ids=out.sequences,
+            attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(generated)], dim=1),
+            encoder_input_ids=inputs["encoder_input_ids"],
+            encoder_attention_mask=inputs["encoder_attention_mask"],
+        ).logits.float()
+    first = model.num_prefix_positions(inputs["encoder_input_ids"].shape[1]) + prompt_len - 1
+    log_probs = logits[:, first : first + generated.shape[1]].log_softmax(-1).gather(-1, generated[..., None])[..., 0]
+    torch.testing.assert_close(out.sequences_scores, log_probs.sum(-1), rtol=1e-4, atol=1e-4)
 
 
 def test_sampling_with_a_seed_is_reproducible(generator):
@@ -520,31 +535,81 @@ def test_mindmerger_ablation_is_the_llm_with_a_mapped_prefix(generator):
     assert (actual - expected)[full_sequence_mask(model, inputs).bool()].abs().max().item() == 0.0
 
 
-def test_without_input_mapping_the_prefix_is_bos_only(generator):
+def test_without_input_mapping_the_llm_reads_bos_and_text_and_the_fused_branch_alone(generator):
     model = tiny_model(use_input_mapping=False)
-    set_gates(model, 0.7)
     assert model.input_mapping is None and model.boundary is None
     inputs, _, _ = make_batch(model, generator)
+    assert model.num_prefix_positions(inputs["encoder_input_ids"].shape[1]) == 1
+    # With the gates at zero the fused branch adds nothing: the logits are the LLM's own on [BOS, text].
+    bos = torch.full((2, 1), model.config.text_config.bos_token_id)
     with torch.no_grad():
         logits = model(**inputs).logits
-    assert logits.shape[1] == 1 + inputs["input_ids"].shape[1]
-    assert model.num_prefix_positions(inputs["encoder_input_ids"].shape[1]) == 1
+        alone = pristine_llm(model, "llama")(
+            input_ids=torch.cat([bos, inputs["input_ids"]], dim=1),
+            attention_mask=torch.cat([torch.ones_like(bos), inputs["attention_mask"]], dim=1),
+        ).logits
+        set_gates(model, 0.7)
+        fused = model(**inputs).logits
+    real = torch.cat([torch.ones_like(bos), inputs["attention_mask"]], dim=1).bool()
+    torch.testing.assert_close(logits[real], alone[real], rtol=1e-5, atol=1e-5)
+    assert (fused[real] - alone[real]).abs().max() > 1e-3  # the source reaches the LLM through the fused branch
+
+
+def test_the_configured_encoder_layers_are_the_ones_fused(generator):
+    model = tiny_model(adapted_llm_layers=[1], fused_encoder_layers=[0, 2])
+    assert model.fusion.layer_mix.in_features == 2 and model.fusion.layer_mix.out_features == 2
+    inputs, _, _ = make_batch(model, generator)
+    fused_inputs = []
+    handle = model.fusion.register_forward_pre_hook(lambda module, args: fused_inputs.append(args[0]))
+    with torch.no_grad():
+        model(**inputs)
+        states = model.encoder(
+            input_ids=inputs["encoder_input_ids"], attention_mask=inputs["encoder_attention_mask"], output_hidden_states=True
+        ).hidden_states
+    handle.remove()
+    # (batch, encoder_len, d_enc, layers): the embedding output and the output of the second (last) encoder layer.
+    torch.testing.assert_close(fused_inputs[0], torch.stack([states[0], states[2]], dim=-1), rtol=0, atol=0)
+
+
+def attention_outputs(model, inputs, gates: list[float]) -> list[torch.Tensor]:
+    """Each LLM layer's attention output (before the residual) with the gates set to `gates`."""
+    seen = []
+    handles = [
+        layer.self_attn.register_forward_hook(lambda module, args, output: seen.append(output[0]))
+        for layer in model.llm.model.layers
+    ]
+    with torch.no_grad():
+        model.gates.weight.copy_(torch.tensor(gates))
+        model(**inputs)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def test_each_gate_scales_its_own_layers_fused_branch(generator):
+    model = tiny_model(adapted_llm_layers=[0, 1])
+    inputs, _, _ = make_batch(model, generator)
+    closed = attention_outputs(model, inputs, [0.0, 0.0])
+    first, first_doubled = attention_outputs(model, inputs, [0.5, 0.0]), attention_outputs(model, inputs, [1.0, 0.0])
+    # The first gate changes the first layer's attention by a branch that is linear in it (the gate multiplies the
+    # fused branch's output, as in the reference code), ...
+    branch = first[0] - closed[0]
+    assert branch.abs().max() > 1e-3
+    torch.testing.assert_close(first_doubled[0] - closed[0], 2 * branch, rtol=1e-4, atol=1e-6)
+    # ... and the second gate changes nothing before the second layer.
+    second = attention_outputs(model, inputs, [0.0, 0.5])
+    torch.testing.assert_close(second[0], closed[0], rtol=0, atol=0)
+    assert (second[1] - closed[1]).abs().max() > 1e-3
 
 
 def test_selected_layers_are_the_ones_adapted(generator):
     model = tiny_model(adapted_llm_layers=[1], fused_encoder_layers=[0, 2])
     assert model.gates.adapted_layers == [1] and model.gates.weight.shape == (1,)
-    assert model.fusion.layer_mix.in_features == 2 and model.fusion.layer_mix.out_features == 2
     inputs, _, _ = make_batch(model, generator)
-    seen = []
-    handle = model.llm.model.layers[0].register_forward_hook(lambda module, args, output: seen.append(output))
-    with torch.no_grad():
-        model(**inputs)
-        set_gates(model, 1.0)
-        model(**inputs)
-    handle.remove()
-    # Layer 0 is not adapted: its output ignores the gate of layer 1.
-    torch.testing.assert_close(seen[0], seen[1], atol=0, rtol=0)
+    closed, opened = attention_outputs(model, inputs, [0.0]), attention_outputs(model, inputs, [1.0])
+    # Layer 0 is not adapted: its output ignores the gate of layer 1, which changes layer 1's.
+    torch.testing.assert_close(opened[0], closed[0], atol=0, rtol=0)
+    assert (opened[1] - closed[1]).abs().max() > 1e-3
 
 
 def test_mlp_fusion_adds_a_refining_layer(generator):

@@ -15,6 +15,7 @@ from .conftest import tiny_model  # noqa: E402
 
 def test_plots_are_written_as_png(tiny_layalign_folder, tmp_path):
     paths = plot_fusion.main(["--model", tiny_layalign_folder, "--output_dir", str(tmp_path)])
+    assert sorted(paths) == [tmp_path / "fusion_weights.png", tmp_path / "gates.png"]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 

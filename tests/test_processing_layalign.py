@@ -99,14 +99,31 @@ def test_save_and_load_round_trip(processor, tmp_path):
 
 
 def test_processor_output_drives_the_model(processor, tiny_base_folders):
+    """The padded batches give what each example gives alone, built by hand from the two tokenizers: the loss (a
+    mean over every target token) and the greedy continuation."""
     model = LayAlignForCausalLM.from_base_models(tiny_base_folders["encoder"], tiny_base_folders["llm"]).eval()
-    batch = processor(["Natalia hat 48 Clips.", "Bata"], targets=["Natalia sold 48 clips.", "Janet"])
+    sources, targets, prompts = ["Natalia hat 48 Clips.", "Bata"], ["Natalia sold 48 clips.", "Janet"], ["Q: Natalia", "Q"]
+    eos = processor.tokenizer.eos_token_id
+
+    def alone(source: str, text: list[int], **kwargs) -> dict:
+        encoder_ids = processor.encoder_tokenizer("query: " + source)["input_ids"]
+        return dict(encoder_input_ids=torch.tensor([encoder_ids]), input_ids=torch.tensor([text]), **kwargs)
+
     with torch.no_grad():
-        loss = model(**batch).loss
-    assert torch.isfinite(loss)
-    prompts = processor(["Natalia hat 48 Clips.", "Bata"], prompts=["Q: Natalia", "Q"])
-    generated = model.generate(**prompts, max_new_tokens=3, do_sample=False)
-    assert len(processor.batch_decode(generated[:, prompts["input_ids"].shape[1] :])) == 2
+        loss = model(**processor(sources, targets=targets)).loss
+        per_example = []
+        for source, target in zip(sources, targets):
+            target_ids = ids(processor.tokenizer, target) + [eos]
+            per_example.append((model(**alone(source, target_ids, labels=torch.tensor([target_ids]))).loss, len(target_ids)))
+    expected = sum(example_loss * count for example_loss, count in per_example) / sum(count for _, count in per_example)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+    batch = processor(sources, prompts=prompts)
+    generated = model.generate(**batch, max_new_tokens=3, do_sample=False, eos_token_id=None)[:, batch["input_ids"].shape[1] :]
+    for row, (source, prompt) in zip(generated, zip(sources, prompts)):
+        prompt_ids = ids(processor.tokenizer, prompt)
+        single = model.generate(**alone(source, prompt_ids), max_new_tokens=3, do_sample=False, eos_token_id=None)
+        assert row.tolist() == single[0, len(prompt_ids) :].tolist()
 
 
 def test_bad_arguments_name_what_is_wrong(processor):

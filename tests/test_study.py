@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
+from modeling_layalign.evaluation import layalign_target_loss
+
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY / "examples"))
@@ -27,12 +30,23 @@ def test_study_records_a_curve_scores_held_out_pairs_and_reports(tiny_base_folde
     curve = [json.loads(line) for line in (tmp_path / "layalign" / "curve.jsonl").read_text().splitlines()]
     assert [point["step"] for point in curve] == [0, 1, 2]
     assert all({"ja", "ru", "source_cosine", "gate_max_abs"} <= point.keys() for point in curve)
-    results = json.loads((tmp_path / "mindmerger" / "results.json").read_text())
-    assert results["ja"]["gap"] == results["ja"]["shuffled_loss"] - results["ja"]["loss"]
-    assert "gate_max_abs" not in results["statistics"]
+    results = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in ("layalign", "mindmerger")}
+    assert "gate_max_abs" not in results["mindmerger"]["statistics"]
+    # Each system's saved model, scored on the held-out pairs with their real and with rotated sources.
+    for name in results:
+        model = LayAlignForCausalLM.from_pretrained(tmp_path / name)
+        processor = LayAlignProcessor.from_pretrained(tmp_path / name)
+        for language in ("ja", "ru"):
+            sources, targets = study.held_out_pairs(language, 3)
+            row = results[name][language]
+            assert row["loss"] == pytest.approx(layalign_target_loss(model, processor, sources, targets), rel=1e-6)
+            shuffled = layalign_target_loss(model, processor, sources[1:] + sources[:1], targets)
+            assert row["shuffled_loss"] == pytest.approx(shuffled, rel=1e-6)
     study.report(tmp_path, ["ja", "ru"])
     printed = capsys.readouterr().out
-    assert "| layalign | ja |" in printed and "| mindmerger | ru |" in printed
+    ja = results["layalign"]["ja"]
+    assert f"| layalign | ja | {ja['loss']:.3f} | {ja['shuffled_loss']:.3f} | {ja['gap']:+.3f} | {ja['chrf']:.1f} |" in printed
+    assert "| mindmerger | ru |" in printed
     assert "| 2 | " in printed  # a curve row for the last step of both systems
 
 

@@ -54,6 +54,9 @@ def test_warm_start_fits_the_mapping_towards_the_llm_embeddings(model_and_proces
     result = warm_start_input_mapping(model, processor, SAMPLE_TEXTS, pairs, alignment_layer=1, steps=200, batch_size=64)
     assert result["pairs"] == states.shape[0] + translated_token_pairs(model, processor, *pairs, alignment_layer=1)[0].shape[0]
     assert result["mse"] < 0.5 * before
+    # The model's own mapping moved (not a copy of it): measured here on the English tokens alone.
+    with torch.no_grad():
+        assert F.mse_loss(model.input_mapping(states), targets).item() < 0.5 * before
     for name, parameter in model.named_parameters():
         if name in frozen:
             assert torch.equal(parameter, frozen[name]), name

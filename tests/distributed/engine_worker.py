@@ -377,12 +377,15 @@ def main(engine_name: str, encoder: str, llm: str, output_dir: Path) -> None:
     (output_dir / f"result-{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
-    # Leave without the interpreter's finalization. The process groups outlive `destroy_process_group`, held by
-    # library caches of the models used above (torch's DTensor sharding caches under FSDP 2, DeepSpeed's hook
-    # closures and `ds_process_group` of every partitioned weight under ZeRO-3; measured: 1 group with 3 gloo threads
-    # still running, 2 groups with 6 under ZeRO-3): only the interpreter's finalization would tear them down, with
-    # their threads running, and that is where rank 0 aborted now and then under the load of the full suite
-    # ("terminate called without an active exception", issue #32). Everything this worker reports is written above.
+    # Leave without the interpreter's finalization (issue #32). The process groups outlive `destroy_process_group`,
+    # held by library state of the models used above (DeepSpeed's `FWD_MODULE_STACK`, hooks and `ds_process_group`
+    # of every partitioned weight under ZeRO-3, torch's DTensor sharding caches under FSDP 2; measured: 2 groups with
+    # 6 gloo threads still running under ZeRO-3, 1 group with 3 under the other engines), so they would be torn down
+    # by finalization while their threads still run. A gloo thread that runs Python then (a completing work's
+    # callback, the release of a Python object) aborts the process: reproduced in isolation, a group kept referenced
+    # with one asynchronous all-reduce in flight ends both processes with "terminate called without an active
+    # exception" (SIGABRT) every time, as rank 0 of this worker ended now and then under the full suite's load.
+    # Everything this worker reports is written above.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
