@@ -178,7 +178,10 @@ def quantization_config(method: str | None, dtype: torch.dtype):
         return None
     if method not in QUANTIZATION_METHODS:
         raise SystemExit(f"Unknown `--quantize` {method!r}; pass one of {sorted(QUANTIZATION_METHODS)}.")
-    return QUANTIZATION_METHODS[method](dtype)
+    try:
+        return QUANTIZATION_METHODS[method](dtype)
+    except ImportError as error:
+        raise SystemExit(f"`--quantize {method}` needs {error.name}: `pip install {error.name}`.") from error
 
 
 def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[LayAlignForCausalLM, LayAlignProcessor]:

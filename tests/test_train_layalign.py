@@ -208,6 +208,18 @@ def test_both_stages_over_a_quantized_llm_reload_as_trained(method, tiny_base_fo
         assert torch.equal(continued(**stage_two.batch).logits, stage_two.logits)
 
 
+def test_a_quantization_method_that_cannot_run_is_named(monkeypatch):
+    with pytest.raises(SystemExit, match="Unknown `--quantize` 'int3'; pass one of"):
+        train_layalign.quantization_config("int3", torch.float32)
+
+    def without_torchao():
+        raise ImportError("No module named 'torchao'", name="torchao")
+
+    monkeypatch.setitem(train_layalign.QUANTIZATION_METHODS, "torchao-int8", lambda dtype: without_torchao())
+    with pytest.raises(SystemExit, match="`--quantize torchao-int8` needs torchao: `pip install torchao`"):
+        train_layalign.quantization_config("torchao-int8", torch.float32)
+
+
 def reloaded_projection(folder):
     return LayAlignForCausalLM.from_pretrained(folder).llm.get_decoder().layers[0].self_attn.k_proj
 
