@@ -132,11 +132,13 @@ class LayAlignCheckpointMixin:
         """`PreTrainedModel.resize_token_embeddings` on the LLM (new tokens in its tokenizer).
 
         The LLM then differs from the one `config.llm_name_or_path` names, which a LayAlign-only checkpoint would
-        reload: it counts as modified, so later saves hold every weight (`checkpoint_format="full"`). The resized
-        embeddings stay frozen unless the LLM trains.
+        reload: it counts as modified, so later saves hold every weight (`checkpoint_format="full"`); resizing to the
+        size it has changes nothing. The resized embeddings stay frozen unless the LLM trains.
         """
+        size = self.get_input_embeddings().weight.shape[0]
         embeddings = super().resize_token_embeddings(*args, **kwargs)
-        self.mark_base_modified("llm", "its vocabulary was resized")
+        if embeddings.weight.shape[0] != size:
+            self.mark_base_modified("llm", "its vocabulary was resized")
         self.apply_trainable_parts()
         return embeddings
 

@@ -448,6 +448,8 @@ def test_push_to_hub_uploads_a_loadable_checkpoint(tmp_path, monkeypatch):
 def test_resized_embeddings_train_frozen_and_save_with_every_weight(tmp_path):
     model = trained_model(tmp_path)
     source = model.config.llm_name_or_path
+    model.resize_token_embeddings(LLM_VOCAB)  # the size it has: nothing changes
+    assert model.config.modified_bases == [] and model.default_checkpoint_format() == "layalign_only"
     model.resize_token_embeddings(LLM_VOCAB + 8)  # new tokens in the LLM's tokenizer
     # The LLM no longer equals its source, which stays named as where it came from.
     assert model.config.modified_bases == ["llm"] and model.config.llm_name_or_path == source
