@@ -18,6 +18,8 @@ pass; "of which encode" times `model.encode` alone, the part the LLM alone never
 import torch
 from transformers import CompileConfig
 
+from modeling_layalign.cli_arguments import positive_int
+
 from common import (
     Models,
     argument_parser,
@@ -111,7 +113,7 @@ def generate(model, inputs: dict, new_tokens: int, settings: dict) -> torch.Tens
 def main(argv: list[str] | None = None) -> dict:
     parser = argument_parser(__doc__, repeats=3, profile_help="Also profile generation at the smallest batch.")
     parser.add_argument("--static_cache", action="store_true", help="Static caches and compiled decoding steps.")
-    parser.add_argument("--batches", type=int, nargs="+", help="Batch sizes, instead of the preset's.")
+    parser.add_argument("--batches", type=positive_int, nargs="+", help="Batch sizes, instead of the preset's.")
     args = parser.parse_args(argv)
     models = build_models(args.preset)
     preset = models.preset

@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MT5Config, MT5EncoderModel
 
 from modeling_layalign import LayAlignConfig, LayAlignForCausalLM
+from modeling_layalign.cli_arguments import positive_int
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,7 @@ def argument_parser(
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     if repeats is not None:
-        parser.add_argument("--repeats", type=int, default=repeats)
+        parser.add_argument("--repeats", type=positive_int, default=repeats)
     parser.add_argument("--json", help="Also write the results to this file.")
     if profile_help is not None:
         parser.add_argument("--profile", action="store_true", help=profile_help)

@@ -24,6 +24,7 @@ import torch
 from transformers import LlamaConfig, MT5Config
 
 from modeling_layalign import LayAlignConfig, LayAlignForCausalLM
+from modeling_layalign.cli_arguments import positive_int
 
 
 GIB = 1024**3
@@ -77,11 +78,11 @@ def plan(counts: dict[str, int], llm: dict, gpus: int) -> list[tuple[str, float,
     ]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpus", type=int, default=8, help="GPUs; 1 gives the one-GPU rows, 4-bit LLM included.")
-    parser.add_argument("--batch", type=int, default=8, help="Sequences per GPU per micro-step (the paper: 8).")
-    args = parser.parse_args()
+    parser.add_argument("--gpus", type=positive_int, default=8, help="GPUs; 1 gives the one-GPU rows, 4-bit LLM included.")
+    parser.add_argument("--batch", type=positive_int, default=8, help="Sequences per GPU per micro-step (the paper: 8).")
+    args = parser.parse_args(argv)
     for title, llm in PAIRS.items():
         counts = parameter_counts(llm)
         print(f"\n{title}: encoder {counts['encoder'] / 1e9:.2f}B, LLM {counts['llm'] / 1e9:.2f}B, "

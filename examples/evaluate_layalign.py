@@ -17,6 +17,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoProcessor
 
+from modeling_layalign.cli_arguments import positive_int
 from modeling_layalign.data import default_data_dir
 from modeling_layalign.paper_benchmarks import BENCHMARKS, MGSM_DEFAULT_LANGUAGES, paper_table, run_benchmark, score
 
@@ -40,9 +41,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="A LayAlign folder or Hub id (loaded with trust_remote_code).")
     parser.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
     parser.add_argument("--languages", nargs="+", help="Default: the paper's columns (MGSM: add `te` to include Telugu).")
-    parser.add_argument("--limit", type=int, help="At most this many problems per language.")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, help="Default: enough for the benchmark's answers.")
+    parser.add_argument("--limit", type=positive_int, help="At most this many problems per language.")
+    parser.add_argument("--batch_size", type=positive_int, default=8)
+    parser.add_argument("--max_new_tokens", type=positive_int, help="Default: enough for the benchmark's answers.")
     parser.add_argument("--data_dir", default=None, help="Folder in the reference layout (default: the shipped data/).")
     parser.add_argument("--output", help="JSON results file (default: <model folder>/eval_<benchmark>.json, or ./).")
     parser.add_argument("--baseline", action="store_true", help="Also evaluate the LLM alone on the same prompts.")

@@ -11,7 +11,30 @@ import datasets
 import evaluate
 
 
-class AccuracyMetric(evaluate.Metric):
+def check_scoring_inputs(predictions, references) -> None:
+    """Raises a `ValueError` naming the argument unless both are non-empty lists (or tuples) of one length: `evaluate`
+    would score a plain string character by character, and an empty list has no score."""
+    for name, value in (("predictions", predictions), ("references", references)):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"`{name}` must be a list of strings, one per example, got {type(value).__name__}: {value!r:.60}.")
+        if not value:
+            raise ValueError(f"`{name}` is empty: there is nothing to score.")
+    if len(predictions) != len(references):
+        raise ValueError(f"`predictions` holds {len(predictions)} outputs but `references` holds {len(references)}.")
+
+
+class ScoringInputsCheck:
+    """Mixed into a metric in front of `evaluate.Metric`: `compute` checks its inputs first (see
+    [`check_scoring_inputs`])."""
+
+    def compute(self, *, predictions=None, references=None, **kwargs):
+        """Scores `predictions` against `references` (lists of one length).
+        """
+        check_scoring_inputs(predictions, references)
+        return super().compute(predictions=predictions, references=references, **kwargs)
+
+
+class AccuracyMetric(ScoringInputsCheck, evaluate.Metric):
     """The share of outputs that `is_correct(prediction, reference)` accepts, in [0, 1].
 
     Attributes:
@@ -34,4 +57,4 @@ class AccuracyMetric(evaluate.Metric):
 
     def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:
         hits = [self.is_correct(prediction, reference) for prediction, reference in zip(predictions, references)]
-        return {"accuracy": sum(hits) / len(hits) if hits else 0.0}
+        return {"accuracy": sum(hits) / len(hits)}

@@ -175,10 +175,23 @@ def load_mgsm(languages=tuple(LANGUAGE_NAMES), *, limit: int | None = None, data
     return concatenate_datasets(parts)
 
 
+class _DuplicateKeys(ValueError):
+    pass
+
+
+def _object_without_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A `json.loads` hook: the object, unless a key appears twice (JSON keeps only the last, silently)."""
+    keys = [key for key, _ in pairs]
+    if duplicated := sorted({key for key in keys if keys.count(key) > 1}):
+        raise _DuplicateKeys(", ".join(f"`{key}`" for key in duplicated))
+    return dict(pairs)
+
+
 def check_training_file(path: str | os.PathLike) -> None:
     """Raises a `ValueError` naming the file and the line when `path` is not JSON Lines of objects with string
-    `source` and `target` fields (and optionally `prompt`): an empty file, bytes that are not UTF-8, a line that is not
-    JSON or lacks a field."""
+    `source` and `target` fields (and optionally a string `prompt`): an empty file, bytes that are not UTF-8, a line
+    that is not JSON, lacks a field, repeats a key or holds a lone surrogate escape (`"\\ud800"`, which no UTF-8 text
+    holds)."""
     path = Path(path)
     expected = "one JSON object per line with string fields `source` and `target` (and optionally `prompt`)"
     examples = 0
@@ -191,13 +204,28 @@ def check_training_file(path: str | os.PathLike) -> None:
             if not line:
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_object_without_duplicate_keys)
+            except _DuplicateKeys as error:
+                raise ValueError(f"{path}, line {number}: the key {error} appears twice; keep one.") from None
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}, line {number}: not valid JSON ({error}); it must hold {expected}.") from error
             row = row if isinstance(row, dict) else {}
             missing = ", ".join(f"`{key}`" for key in ("source", "target") if not isinstance(row.get(key), str))
             if missing:
                 raise ValueError(f"{path}, line {number}: no string field {missing}; it must hold {expected}.")
+            if "prompt" in row and not isinstance(row["prompt"], str):
+                raise ValueError(
+                    f"{path}, line {number}: `prompt` must be a string, got {type(row['prompt']).__name__}; it must "
+                    f"hold {expected}."
+                )
+            for key in ("source", "target", "prompt"):
+                try:
+                    row.get(key, "").encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(
+                        f"{path}, line {number}: `{key}` holds a lone surrogate escape (such as \\ud800), which is no "
+                        "text; fix or drop the line."
+                    ) from None
             examples += 1
     if examples == 0:
         raise ValueError(f"{path} holds no training example; it must hold {expected}.")

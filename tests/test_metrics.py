@@ -35,3 +35,17 @@ def test_every_benchmark_names_a_local_metric():
     assert {benchmark.metric for benchmark in BENCHMARKS.values()} <= {path.name for path in METRICS_DIR.iterdir()}
     with pytest.raises(ValueError, match="No local metric"):
         load_metric("bleu")
+
+
+@pytest.mark.parametrize("name", ["last_number_accuracy", "choice_accuracy", "label_accuracy", "chrf"])
+def test_inputs_that_cannot_be_scored_are_named(name):
+    metric = load_metric(name)
+    with pytest.raises(ValueError, match="`predictions` is empty: there is nothing to score"):
+        metric.compute(predictions=[], references=[])
+    # A plain string would be scored character by character.
+    with pytest.raises(ValueError, match="`predictions` must be a list of strings, one per example, got str"):
+        metric.compute(predictions="12", references=["13"])
+    with pytest.raises(ValueError, match="`references` must be a list of strings"):
+        metric.compute(predictions=["12"], references="13")
+    with pytest.raises(ValueError, match="`predictions` holds 2 outputs but `references` holds 1"):
+        metric.compute(predictions=["12", "13"], references=["13"])

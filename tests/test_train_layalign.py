@@ -305,6 +305,10 @@ def test_resuming_a_checkpoint_of_another_run_is_refused(tiny_base_folders, tmp_
         (b'{"question": "x", "answer": "y"}\n', r"line 1: no string field `source`, `target`"),
         (b'{"source": "a", "target": "b"}\n{"source": "\xff", "target": "b"}\n', "line 2: not UTF-8 text"),
         (b'{"source": "a", "target": "b"}\n{"source": "a", \n', "line 2: not valid JSON"),
+        (b'{"source": "a", "target": "b", "prompt": ["p"]}\n', "line 1: `prompt` must be a string, got list"),
+        (b'{"source": "a", "target": "b", "prompt": 5}\n', "line 1: `prompt` must be a string, got int"),
+        (b'{"source": "a", "target": "b", "source": "c"}\n', "line 1: the key `source` appears twice"),
+        (b'{"source": "a\\ud800", "target": "b"}\n', "line 1: `source` holds a lone surrogate escape"),
     ],
 )
 def test_a_bad_train_file_is_named_with_its_line(tiny_base_folders, tmp_path, content, message):

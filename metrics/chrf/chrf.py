@@ -5,6 +5,8 @@ import datasets
 import evaluate
 import sacrebleu
 
+from modeling_layalign import accuracy_metric
+
 
 _DESCRIPTION = "Character n-gram F-score (Popovic, 2015) of the predictions against one reference each, as sacrebleu computes it."
 _KWARGS_DESCRIPTION = """
@@ -20,7 +22,7 @@ Examples:
 """
 
 
-class Chrf(evaluate.Metric):
+class Chrf(accuracy_metric.ScoringInputsCheck, evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
