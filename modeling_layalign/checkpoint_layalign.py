@@ -313,6 +313,18 @@ class LayAlignCheckpointMixin:
         unexpected = sorted(key for key in state_dict if not self.is_layalign_key(key))
         if unexpected:
             raise ValueError(f"A LayAlign-only checkpoint must hold LayAlign weights only; it also holds {unexpected[:5]}.")
+        expected = self.state_dict()
+        misshaped = [
+            f"`{key}` {tuple(value.shape)} (this model: {tuple(expected[key].shape)})"
+            for key, value in state_dict.items()
+            if key in expected and value.shape != expected[key].shape
+        ]
+        if misshaped:
+            raise ValueError(
+                f"The LayAlign checkpoint's weights do not have the shapes its config gives them: {', '.join(misshaped)}. "
+                "The config's `fused_encoder_layers`, `adapted_llm_layers` and `fusion_structure` (and the bases' "
+                "widths) decide them: the config.json beside these weights does not describe them."
+            )
         result = self.load_state_dict(state_dict, strict=False)
         missing = sorted(key for key in result.missing_keys if self.is_layalign_key(key))
         if missing or result.unexpected_keys:

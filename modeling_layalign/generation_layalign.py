@@ -40,6 +40,11 @@ class LayAlignGenerationMixin(GenerationMixin):
         """
         if encoder_input_ids is None:
             raise ValueError("`encoder_input_ids` is required: LayAlign generates from the source text it encodes.")
+        if given := [name for name in ("mapped_encoder_embeds", "fused_states") if kwargs.get(name) is not None]:
+            raise ValueError(
+                f"`generate` encodes `encoder_input_ids` itself; {', '.join(f'`{name}`' for name in given)} would be a "
+                "second source of the same states: pass `encoder_input_ids` (and `encoder_attention_mask`) only."
+            )
         with torch.no_grad():
             encoded = self.encode(encoder_input_ids, encoder_attention_mask)
         if input_ids is None and "inputs_embeds" not in kwargs:

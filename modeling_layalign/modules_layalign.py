@@ -114,6 +114,8 @@ def stack_per_layer_gates(module: LayAlignGates, state_dict: dict, prefix: str, 
     (`<prefix>layers.<i>.gate`) become the `(num_adapted_layers,)` vector `<prefix>weight`, in place."""
     keys = [prefix + PER_LAYER_GATE.format(layer=layer) for layer in module.adapted_layers]
     if prefix + "weight" not in state_dict and all(key in state_dict for key in keys):
+        if misshaped := [f"`{key}` {tuple(state_dict[key].shape)}" for key in keys if state_dict[key].numel() != 1]:
+            raise ValueError(f"Per-layer gates hold one value each; the checkpoint's {', '.join(misshaped)} do not.")
         state_dict[prefix + "weight"] = torch.cat([state_dict.pop(key).reshape(-1) for key in keys])
 
 

@@ -670,6 +670,16 @@ def test_missing_encoder_input_ids_is_an_error(generator):
         model.generate(input_ids=inputs["input_ids"], max_new_tokens=2)
 
 
+def test_generate_refuses_a_second_source_of_the_encoder_states(generator):
+    model = tiny_model()
+    set_gates(model, 0.7)
+    inputs, _, _ = make_batch(model, generator, text_side="left")
+    other = model.encode(inputs["encoder_input_ids"].flip(0), inputs["encoder_attention_mask"].flip(0))
+    for name, value in (("fused_states", other.fused_states), ("mapped_encoder_embeds", other.mapped_embeds)):
+        with pytest.raises(ValueError, match=f"`generate` encodes `encoder_input_ids` itself; `{name}` would be a second"):
+            model.generate(**inputs, max_new_tokens=2, **{name: value})
+
+
 def test_mismatched_batch_sizes_are_an_error(generator):
     model = tiny_model()
     inputs, _, _ = make_batch(model, generator)

@@ -471,3 +471,13 @@ def test_a_layalign_only_folder_without_weights_names_what_to_do(tmp_path):
     (tmp_path / "saved" / "model.safetensors").unlink()
     with pytest.raises(OSError, match="holds no LayAlign weights: neither model.safetensors nor model.safetensors.index.json"):
         LayAlignForCausalLM.from_pretrained(tmp_path / "saved")
+
+
+def test_a_config_that_does_not_describe_its_weights_is_named(tmp_path):
+    model = trained_model(tmp_path)
+    model.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    config["adapted_llm_layers"] = [1]  # the weights were trained for both layers
+    (tmp_path / "saved" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"`fusion.layer_mix.weight` \(4, 2\) \(this model: \(2, 2\)\).*`adapted_llm_layers`"):
+        LayAlignForCausalLM.from_pretrained(tmp_path / "saved")

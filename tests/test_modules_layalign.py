@@ -1,5 +1,6 @@
 """The trainable LayAlign modules on their own: the gates' vector, its source scale, and gates stored per layer."""
 
+import pytest
 import torch
 
 from modeling_layalign.modules_layalign import LayAlignGates
@@ -22,3 +23,9 @@ def test_gates_stored_one_per_layer_load_in_the_order_of_the_adapted_layers():
     assert not result.missing_keys and not result.unexpected_keys
     assert torch.equal(gates.weight, torch.tensor([0.5, 0.0, 0.2]))
     assert list(gates.state_dict()) == ["weight"]
+
+
+def test_a_per_layer_gate_of_another_shape_is_named_by_its_key():
+    gates = LayAlignGates([0, 1])
+    with pytest.raises(ValueError, match=r"the checkpoint's `layers.1.gate` \(2,\) do not"):
+        gates.load_state_dict({"layers.0.gate": torch.tensor([0.1]), "layers.1.gate": torch.tensor([0.2, 0.3])})
