@@ -15,11 +15,15 @@ import argparse
 import json
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoProcessor
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 
 from modeling_layalign.cli_arguments import positive_int
 from modeling_layalign.data import default_data_dir
 from modeling_layalign.paper_benchmarks import BENCHMARKS, MGSM_DEFAULT_LANGUAGES, paper_table, run_benchmark, score
+
+
+# `GenerationConfig` settings that count something: at least 1 (transformers fails late, or deep inside, on others).
+COUNT_SETTINGS = ("max_new_tokens", "num_beams", "num_return_sequences")
 
 
 def parse_generation_overrides(pairs: list[str]) -> dict:
@@ -33,7 +37,21 @@ def parse_generation_overrides(pairs: list[str]) -> dict:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
+    for key in COUNT_SETTINGS:
+        if key in overrides and (not isinstance(overrides[key], int) or isinstance(overrides[key], bool) or overrides[key] < 1):
+            raise SystemExit(f"--generation {key} must be a positive integer, got {overrides[key]!r}.")
     return overrides
+
+
+def check_model(model: str) -> None:
+    """Exits naming `--model` when it is neither a LayAlign folder nor a Hub id (transformers would report a
+    malformed repository id, or fail deep inside on another model type)."""
+    looks_local = Path(model).is_absolute() or model.startswith((".", "~")) or model.count("/") != 1
+    if looks_local and not Path(model).expanduser().is_dir():
+        raise SystemExit(f"--model {model!r} is no folder here (nor a Hub id `owner/name`).")
+    model_type = AutoConfig.from_pretrained(model, trust_remote_code=True).model_type
+    if model_type != "layalign":
+        raise SystemExit(f"--model {model!r} is a {model_type!r} model, not a LayAlign checkpoint (model_type 'layalign').")
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     benchmark = BENCHMARKS[args.benchmark]
     languages = args.languages or (MGSM_DEFAULT_LANGUAGES if args.benchmark == "mgsm" else benchmark.languages)
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    check_model(args.model)
     examples = benchmark.load(data_dir, languages, args.limit)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)

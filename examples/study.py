@@ -171,6 +171,9 @@ def ladder_system(name: str, args: argparse.Namespace) -> dict:
     curve (share closed and gap per language at every saved checkpoint, on `--curve_questions`), to `ladder.json`."""
     folder = Path(args.output_dir) / name
     checkpoints = stage_two_checkpoints(folder, args.ladder_step)
+    if not (folder / "start").is_dir() or not checkpoints:
+        steps = sorted(stage_two_checkpoints(folder)) if (folder / "start").is_dir() else "none: train it first"
+        raise SystemExit(f"`--ladder_step {args.ladder_step}`: {folder} has no checkpoint to measure (its steps: {steps}).")
     final_step = max(checkpoints)
     examples = load_mgsm_with_answers(args.ladder_languages, limit=args.ladder_questions)
     curve_examples = load_mgsm_with_answers(args.curve_languages, limit=args.curve_questions)
@@ -200,7 +203,9 @@ def ladder_report(output_dir: Path, languages: list[str], curve_languages: list[
     """Prints the ladder table (LLM alone, then each system) and the share-closed curve of every laddered system."""
     systems = {name: json.loads(path.read_text()) for name in STAGE_TWO_SYSTEMS if (path := output_dir / name / "ladder.json").is_file()}
     if not systems:
-        return
+        raise SystemExit(
+            f"No laddered stage-2 system in {output_dir}: train them (`--stage 2`) and measure them (`--ladder`) first."
+        )
     print("\nAnswer loss per token on MGSM questions with GSM8K's English chains of thought: (a) LLM alone, English "
           "question; (b) LLM alone, question in L; (c) the system, question in L as source and prompt; (d) the same "
           "with another question's source; gap d - c; share closed (b - c) / (b - a); a source-blind share (b - d) / (b - a)")
@@ -246,6 +251,8 @@ def evaluate_system(folder: Path, args: argparse.Namespace) -> dict:
 def report(output_dir: Path, languages: list[str]) -> None:
     """Prints the final table and the gap curve of every system that has results."""
     systems = {name: output_dir / name for name in SYSTEMS if (output_dir / name / "results.json").is_file()}
+    if not systems:
+        raise SystemExit(f"No finished stage-1 system in {output_dir}: run the study without `--report` first.")
     print("\nHeld-out pairs: loss per English token (real / shuffled source), gap, chrF, number recall, distinct outputs")
     print("| system | lang | loss | shuffled | gap | chrF | numbers | distinct | source cosine | norm ratio | max gate |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -312,7 +319,8 @@ def main() -> None:
                 ladder_system(name, args)
             elif not args.report:
                 train_stage_two(name, args)
-        ladder_report(Path(args.output_dir), args.ladder_languages, args.curve_languages)
+        if args.ladder or args.report:
+            ladder_report(Path(args.output_dir), args.ladder_languages, args.curve_languages)
         return
     if not args.report:
         for name in args.systems:

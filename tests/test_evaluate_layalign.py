@@ -80,3 +80,14 @@ def test_generation_overrides_reach_generate(tiny_layalign_folder, tmp_path, mon
 def test_bad_generation_override_is_named():
     with pytest.raises(SystemExit, match="key=value"):
         evaluate_layalign.parse_generation_overrides(["num_beams"])
+    for pair in ("num_beams=-1", "num_return_sequences=0", "max_new_tokens=two"):
+        with pytest.raises(SystemExit, match=f"--generation {pair.split('=')[0]} must be a positive integer"):
+            evaluate_layalign.parse_generation_overrides([pair])
+
+
+def test_a_model_that_is_no_layalign_checkpoint_is_named(tiny_base_folders, tmp_path):
+    arguments = ["--benchmark", "mgsm", "--languages", "sw", "--limit", "1"]
+    with pytest.raises(SystemExit, match="--model '.*missing' is no folder here"):
+        evaluate_layalign.main(["--model", str(tmp_path / "missing"), *arguments])
+    with pytest.raises(SystemExit, match="is a 'llama' model, not a LayAlign checkpoint"):
+        evaluate_layalign.main(["--model", tiny_base_folders["llm"], *arguments])

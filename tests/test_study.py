@@ -90,3 +90,13 @@ def test_stage_two_trains_both_systems_from_one_stage_one_and_reports_the_ladder
     study.ladder_report(tmp_path, ["sw", "te"], ["te"])
     printed = capsys.readouterr().out
     assert "| LLM alone | te |" in printed and "| mindmerger | sw |" in printed and "| 2 | " in printed
+
+
+def test_reports_and_ladders_of_nothing_say_what_to_run_first(tmp_path):
+    with pytest.raises(SystemExit, match="No finished stage-1 system in .*: run the study without `--report` first"):
+        study.report(tmp_path, ["ja"])
+    with pytest.raises(SystemExit, match="No laddered stage-2 system in .*: train them"):
+        study.ladder_report(tmp_path, ["sw"], ["sw"])
+    (tmp_path / "layalign" / "start").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"`--ladder_step -1`: .* has no checkpoint to measure \(its steps: \[0\]\)"):
+        study.ladder_system("layalign", Namespace(output_dir=str(tmp_path), ladder_step=-1))
