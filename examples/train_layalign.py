@@ -38,6 +38,7 @@ from modeling_layalign.data import (
     load_translation_pairs,
     tokenize_for_stage,
 )
+from modeling_layalign.distributed_exit import exit_without_finalization
 from modeling_layalign.engine_checkpoints import check_engine_saves_weights, check_resume_fits_engine
 from modeling_layalign.monitoring import MappingCollapseCallback
 from modeling_layalign.warm_start import warm_start_input_mapping
@@ -368,8 +369,14 @@ def save_lora_run(model, processor: LayAlignProcessor, output_dir: str) -> None:
     processor.save_pretrained(output_dir)  # a model save replaces the processor files it finds
 
 
+def leave_launched_run(trainer: Trainer) -> None:
+    """Ends the process once its run has finished and saved: a process of a launched run (more than one process)
+    leaves without the interpreter's finalization, which could abort it over the process groups the engines keep
+    alive (see `modeling_layalign.distributed_exit`); its exit hooks still run."""
+    trainer.accelerator.end_training()
+    if trainer.args.world_size > 1:
+        exit_without_finalization()
+
+
 if __name__ == "__main__":
-    # Ends the run's process group before the interpreter exits: a launched DeepSpeed ZeRO-3 process on CPU left it
-    # to exit-time teardown and aborted there now and then, after saving ("terminate called without an active
-    # exception"), which failed the launch.
-    main().accelerator.end_training()
+    leave_launched_run(main())

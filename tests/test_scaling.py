@@ -29,21 +29,23 @@ LAUNCHED_CONFIGS = {"cpu_ddp.yaml": 2, "multi_gpu_ddp.yaml": 2, "single_gpu.yaml
 DEEPSPEED_CONFIGS = ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml")
 
 
-def run(command: list[str], succeeds: bool = True) -> str:
-    """Runs `command`, asserts that it succeeds (or fails), and returns what it printed."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+def run(command: list[str], succeeds: bool = True, environment: dict[str, str] | None = None) -> str:
+    """Runs `command` (with `environment` added), asserts that it succeeds (or fails), and returns what it printed."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", **(environment or {})}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
     assert (result.returncode == 0) == succeeds, result.stdout[-2000:] + result.stderr[-4000:]
     return result.stdout + result.stderr
 
 
-def launch(config: str | Path, processes: int, script_arguments: list[str], succeeds: bool = True) -> str:
+def launch(
+    config: str | Path, processes: int, script_arguments: list[str], succeeds: bool = True, environment: dict | None = None
+) -> str:
     return run([
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPOSITORY / "configuration" / "accelerate" / config),
         "--num_processes", str(processes), "--mixed_precision", "no", "--main_process_port", free_port(),
         str(REPOSITORY / "examples" / "train_layalign.py"), *script_arguments,
-    ], succeeds)  # fmt: skip
+    ], succeeds, environment)  # fmt: skip
 
 
 def test_every_shipped_accelerate_config_runs_here():
@@ -56,11 +58,24 @@ def test_accelerate_launch_matches_one_process(config, tiny_base_folders, tmp_pa
     processes = LAUNCHED_CONFIGS[config]
     common = ("--stage", "1", "--save_strategy", "no", "--encoder_dropout_in_training", "False", "--seed", "3")
     train_layalign.main(arguments(tiny_base_folders, tmp_path / "one", *common))
+    # Each process records that its exit hooks ran: a launched run leaves without the interpreter's finalization
+    # (`train_layalign.leave_launched_run`), and nothing registered with `atexit` may be lost by that.
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import atexit, os, pathlib, sys\n"
+        "def record():\n"
+        "    if sys.argv[0].endswith('train_layalign.py'):\n"
+        "        pathlib.Path(os.environ['EXIT_HOOKS'], 'rank-' + os.environ.get('RANK', '0')).touch()\n"
+        "atexit.register(record)\n"
+    )
+    hooks = {"PYTHONPATH": str(tmp_path / "site"), "EXIT_HOOKS": str(tmp_path)}
     launch(
         config,
         processes,
         arguments(tiny_base_folders, tmp_path / "launched", *common, "--per_device_train_batch_size", str(4 // processes)),
+        environment=hooks,
     )
+    assert sorted(path.name for path in tmp_path.glob("rank-*")) == [f"rank-{rank}" for rank in range(processes)]
     state = json.loads((tmp_path / "launched" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     one, launched = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "launched")

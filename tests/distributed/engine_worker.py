@@ -41,6 +41,7 @@ from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_h
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor  # noqa: E402
+from modeling_layalign.distributed_exit import exit_without_finalization  # noqa: E402
 from modeling_layalign.monitoring import mapping_statistics  # noqa: E402
 from tests.conftest import set_gates  # noqa: E402
 
@@ -377,18 +378,9 @@ def main(engine_name: str, encoder: str, llm: str, output_dir: Path) -> None:
     (output_dir / f"result-{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
-    # Leave without the interpreter's finalization (issue #32). The process groups outlive `destroy_process_group`,
-    # held by library state of the models used above (DeepSpeed's `FWD_MODULE_STACK`, hooks and `ds_process_group`
-    # of every partitioned weight under ZeRO-3, torch's DTensor sharding caches under FSDP 2; measured: 2 groups with
-    # 6 gloo threads still running under ZeRO-3, 1 group with 3 under the other engines), so they would be torn down
-    # by finalization while their threads still run. A gloo thread that runs Python then (a completing work's
-    # callback, the release of a Python object) aborts the process: reproduced in isolation, a group kept referenced
-    # with one asynchronous all-reduce in flight ends both processes with "terminate called without an active
-    # exception" (SIGABRT) every time, as rank 0 of this worker ended now and then under the full suite's load.
-    # Everything this worker reports is written above.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # Everything this worker reports is written: leave without the finalization that could abort it over the
+    # process groups the engines keep alive (issue #32, see `modeling_layalign.distributed_exit`).
+    exit_without_finalization()
 
 
 if __name__ == "__main__":
