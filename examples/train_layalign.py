@@ -188,11 +188,11 @@ def quantization_config(method: str | None, dtype: torch.dtype):
 def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[LayAlignForCausalLM, LayAlignProcessor]:
     dtype = getattr(torch, model_args.dtype)
     quantization = quantization_config(model_args.quantize, dtype)
+    # A checkpoint trained over a quantized LLM loads it quantized again; `--quantize` replaces that.
+    quantized = {"quantization_config": quantization} if quantization is not None else {}
     if model_args.init_from:
-        # A checkpoint trained over a quantized LLM loads it quantized again; `--quantize` replaces that.
-        loading = {"quantization_config": quantization} if quantization is not None else {}
         # A LoRA kept in the checkpoint is attached by `add_lora`, through peft, to go on training it.
-        model = LayAlignForCausalLM.from_pretrained(model_args.init_from, dtype=dtype, load_lora=False, **loading)
+        model = LayAlignForCausalLM.from_pretrained(model_args.init_from, dtype=dtype, load_lora=False, **quantized)
         if kept_lora(model_args.init_from) is not None and not model_args.lora_r:
             raise SystemExit(
                 f"`--init_from` {model_args.init_from} carries a LoRA kept as an adapter (its `{LORA_SUBFOLDER}/` "
@@ -223,7 +223,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[L
         encoder,
         llm,
         encoder_kwargs={"dtype": dtype},
-        llm_kwargs={"dtype": dtype, **({"quantization_config": quantization} if quantization is not None else {})},
+        llm_kwargs={"dtype": dtype, **quantized},
         **config_fields,
     )
     tokenizer = AutoTokenizer.from_pretrained(llm)

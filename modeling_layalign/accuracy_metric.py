@@ -28,7 +28,8 @@ class ScoringInputsCheck:
     [`check_scoring_inputs`])."""
 
     def compute(self, *, predictions=None, references=None, **kwargs):
-        """Scores `predictions` against `references` (lists of one length).
+        # (The docstring ends in a newline: `evaluate` appends the metric's `inputs_description` to it.)
+        """Scores `predictions` against `references`, one reference per prediction, after checking them.
         """
         check_scoring_inputs(predictions, references)
         return super().compute(predictions=predictions, references=references, **kwargs)

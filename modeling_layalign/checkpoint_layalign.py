@@ -313,7 +313,12 @@ class LayAlignCheckpointMixin:
         unexpected = sorted(key for key in state_dict if not self.is_layalign_key(key))
         if unexpected:
             raise ValueError(f"A LayAlign-only checkpoint must hold LayAlign weights only; it also holds {unexpected[:5]}.")
-        expected = self.state_dict()
+        expected = {
+            f"{name}.{key}": value
+            for name in self.layalign_module_names
+            if (module := getattr(self, name)) is not None
+            for key, value in module.state_dict().items()
+        }
         misshaped = [
             f"`{key}` {tuple(value.shape)} (this model: {tuple(expected[key].shape)})"
             for key, value in state_dict.items()

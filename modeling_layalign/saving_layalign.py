@@ -35,13 +35,13 @@ from transformers.utils import (
 
 logger = logging.get_logger(__name__)
 
-# What a save replaces in a folder that already holds a checkpoint: every file that transformers loads as part of a
-# model or of its processor (config, generation config, weights, peft adapters, processor, tokenizers, chat templates,
-# vocabularies), and every subfolder holding a tokenizer or processor (a processor's second tokenizer).
 # The subfolder of a LayAlign-only checkpoint that holds a LoRA of its LLM kept as a peft adapter (what a LoRA run
 # over a quantized LLM saves: merging it would round the update away in the quantized weights). Part of the model:
 # a new save removes it, so that a stale adapter is never attached to the new weights.
 LORA_SUBFOLDER = "lora"
+# What a save replaces in a folder that already holds a checkpoint: every file that transformers loads as part of a
+# model or of its processor (config, generation config, weights, peft adapters, processor, tokenizers, chat templates,
+# vocabularies), and every subfolder holding a tokenizer or processor (a processor's second tokenizer).
 MODEL_FILE_PATTERNS = (
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
