@@ -135,7 +135,8 @@ def mgsm_scores(model: LayAlignForCausalLM, processor: LayAlignProcessor, per_la
 def ladder_rows(models: dict[str, LayAlignForCausalLM], processor, languages, questions: int) -> list[list[str]]:
     """The answer ladder of each stage-2 model on the first `questions` MGSM questions per language: mean loss per
     answer token of GSM8K's English chain of thought, for the LLM alone with the English question (a) and with the
-    question in L (b), and for the model with the question in L as source (c) and with another question's (d)."""
+    question in L (b), and for the model with the question in L as source (c) and with another question's (d); the
+    content share (d - c) / (e - a) divides by what the English question is worth to the LLM ((e): another one)."""
     examples = load_mgsm_with_answers(languages, limit=questions)
     any_model = next(iter(models.values()))
     llm_losses = llm_rungs(any_model.llm, processor.tokenizer, examples)
@@ -144,7 +145,7 @@ def ladder_rows(models: dict[str, LayAlignForCausalLM], processor, languages, qu
         for language, rung in answer_ladder(model, processor, examples, llm_losses).items():
             rows.append(
                 [name, language, f"{rung.english:.3f}", f"{rung.llm:.3f}", f"{rung.layalign:.3f}", f"{rung.shuffled:.3f}",
-                 f"{rung.gap:+.3f}", f"{rung.share_closed:.0%}"]
+                 f"{rung.gap:+.3f}", f"{rung.share_closed:.0%}", f"{rung.content_share:.0%}"]
             )  # fmt: skip
     return rows
 
@@ -237,8 +238,9 @@ def main() -> None:
         f"Stage 2, first {questions} MGSM questions per language with GSM8K's English chains of thought: loss per answer "
         "token for (a) the LLM alone reading the English question, (b) the LLM alone reading the question in L, "
         "(c) LayAlign with the question in L as source and in the prompt, (d) the same with another question's "
-        "source; gap d - c (> 0: the source is read); share of the language gap closed, (b - c) / (b - a)",
-        ["system", "lang", "a", "b", "c", "d", "gap", "share closed"],
+        "source; gap d - c (> 0: the source is read); share of the language gap closed, (b - c) / (b - a); content "
+        "share (d - c) / (e - a), (e) the LLM alone reading another English question",
+        ["system", "lang", "a", "b", "c", "d", "gap", "share closed", "content share"],
         ladder,
     )
     processor.max_source_length, processor.max_length = 128, 512

@@ -175,8 +175,8 @@ def ladder_system(name: str, args: argparse.Namespace) -> dict:
         steps = sorted(stage_two_checkpoints(folder)) if (folder / "start").is_dir() else "none: train it first"
         raise SystemExit(f"`--ladder_step {args.ladder_step}`: {folder} has no checkpoint to measure (its steps: {steps}).")
     final_step = max(checkpoints)
-    examples = load_mgsm_with_answers(args.ladder_languages, limit=args.ladder_questions)
-    curve_examples = load_mgsm_with_answers(args.curve_languages, limit=args.curve_questions)
+    examples = load_mgsm_with_answers(args.ladder_languages, limit=args.ladder_questions, first=args.ladder_first_question)
+    curve_examples = load_mgsm_with_answers(args.curve_languages, limit=args.curve_questions, first=args.ladder_first_question)
     model, processor = load_for_ladder(checkpoints[final_step], args.bases)
     llm_losses = llm_rungs(model.llm, processor.tokenizer, examples)
     curve_llm_losses = llm_rungs(model.llm, processor.tokenizer, curve_examples)
@@ -184,7 +184,10 @@ def ladder_system(name: str, args: argparse.Namespace) -> dict:
         "step": final_step,
         "checkpoint": str(checkpoints[final_step]),
         "questions": args.ladder_questions,
-        "llm_alone": {language: dict(zip(("english", "llm"), losses)) for language, losses in llm_losses.items()},
+        "first_question": args.ladder_first_question,
+        "llm_alone": {
+            language: dict(zip(("english", "llm", "english_shuffled"), losses)) for language, losses in llm_losses.items()
+        },
         "final": {language: rung.to_dict() for language, rung in answer_ladder(model, processor, examples, llm_losses).items()},
         "curve_questions": args.curve_questions,
         "curve": [],
@@ -208,31 +211,49 @@ def ladder_report(output_dir: Path, languages: list[str], curve_languages: list[
         )
     print("\nAnswer loss per token on MGSM questions with GSM8K's English chains of thought: (a) LLM alone, English "
           "question; (b) LLM alone, question in L; (c) the system, question in L as source and prompt; (d) the same "
-          "with another question's source; gap d - c; share closed (b - c) / (b - a); a source-blind share (b - d) / (b - a)")
-    print("| system | lang | a: LLM, English | b: LLM, in L | c: real source | d: shuffled source | gap d - c | share closed | share, shuffled |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "with another question's source; (e) LLM alone, another English question; gap d - c; share closed "
+          "(b - c) / (b - a); a source-blind share (b - d) / (b - a); content share (d - c) / (e - a)")
+    print("| system | lang | a: LLM, English | b: LLM, in L | c: real source | d: shuffled source | e: LLM, another "
+          "English question | gap d - c | share closed | share, shuffled | content share |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     alone = next(iter(systems.values()))["llm_alone"]
     for language in languages:
-        print(f"| LLM alone | {language} | {alone[language]['english']:.3f} | {alone[language]['llm']:.3f} | - | - | - | 0% | - |")
+        row = alone[language]
+        print(f"| LLM alone | {language} | {row['english']:.3f} | {row['llm']:.3f} | - | - | "
+              f"{_number(row.get('english_shuffled'), '.3f')} | - | 0% | - | - |")
     for name, results in systems.items():
         for language in languages:
             row = results["final"][language]
             print(
                 f"| {name} | {language} | {row['english']:.3f} | {row['llm']:.3f} | {row['layalign']:.3f} | "
-                f"{row['shuffled']:.3f} | {row['gap']:+.3f} | {row['share_closed']:.0%} | {row['share_closed_shuffled']:.0%} |"
+                f"{row['shuffled']:.3f} | {_number(row.get('english_shuffled'), '.3f')} | {row['gap']:+.3f} | "
+                f"{row['share_closed']:.0%} | {row['share_closed_shuffled']:.0%} | {_number(row.get('content_share'), '.0%')} |"
             )
-    print("\nShare of the language gap closed (mean over " + ", ".join(curve_languages) + ") and gap d - c, against steps")
-    print("| step | " + " | ".join(f"{name}: share | {name}: gap" for name in systems) + " |")
-    print("|---|" + "---|---|" * len(systems))
+    print("\nMean over " + ", ".join(curve_languages) + ", against steps: share of the language gap closed, gap d - c, "
+          "content share")
+    print("| step | " + " | ".join(f"{name}: share | {name}: gap | {name}: content" for name in systems) + " |")
+    print("|---|" + "---|---|---|" * len(systems))
     curves = {name: {point["step"]: point for point in results["curve"]} for name, results in systems.items()}
     for step in sorted({step for curve in curves.values() for step in curve}):
         cells = []
         for curve in curves.values():
             point = curve.get(step)
-            share = point and sum(point[language]["share_closed"] for language in curve_languages) / len(curve_languages)
-            gap = point and sum(point[language]["gap"] for language in curve_languages) / len(curve_languages)
-            cells += ["", ""] if point is None else [f"{share:.0%}", f"{gap:+.3f}"]
+            if point is None:
+                cells += ["", "", ""]
+                continue
+            means = {key: _mean(point, curve_languages, key) for key in ("share_closed", "gap", "content_share")}
+            cells += [_number(means["share_closed"], ".0%"), _number(means["gap"], "+.3f"), _number(means["content_share"], ".0%")]
         print(f"| {step} | " + " | ".join(cells) + " |")
+
+
+def _mean(point: dict, languages: list[str], key: str) -> float | None:
+    """The mean of `key` over `languages` in one curve point; None where a ladder measured before the key existed."""
+    values = [point[language].get(key) for language in languages]
+    return None if None in values else sum(values) / len(values)
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def evaluate_system(folder: Path, args: argparse.Namespace) -> dict:
@@ -302,6 +323,10 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--ladder", action="store_true", help="Stage 2: measure the answer ladder of trained systems.")
     parser.add_argument("--ladder_languages", nargs="+", default=list(LADDER_LANGUAGES))
     parser.add_argument("--ladder_questions", type=int, default=16, help="MGSM questions per language for the ladder.")
+    parser.add_argument(
+        "--ladder_first_question", type=int, default=0,
+        help="The ladder's first MGSM line: 24 measures on questions that a ladder of the first 24 never read.",
+    )  # fmt: skip
     parser.add_argument("--curve_languages", nargs="+", default=["sw", "bn", "th", "te", "ja", "zh", "ru"])
     parser.add_argument("--curve_questions", type=int, default=8, help="MGSM questions per language per curve point.")
     parser.add_argument("--curve_every", type=int, default=40, help="Stage 2: steps between curve points.")

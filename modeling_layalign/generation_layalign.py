@@ -14,7 +14,8 @@ from transformers import GenerationMixin
 from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.masking_utils import create_masks_for_generate
 
-from .cache_layalign import with_fused_states_cache
+from .cache_layalign import check_cache_to_continue, with_fused_states_cache
+from .inputs_layalign import check_token_range
 from .sequence_layalign import padding_to_front, positions_from_mask
 
 
@@ -37,9 +38,20 @@ class LayAlignGenerationMixin(GenerationMixin):
         adapted layer projecting its fused keys and values into the cache) and later steps read the cache. `input_ids` (the prompt, left-padded in batches)
         may be omitted to generate right after the boundary, as in stage-1 translation. The returned sequences are
         `input_ids` followed by the new tokens, decodable with the LLM's tokenizer.
+
+        To continue a generation (a chat's next turn), pass its `sequences`, extended or not, as `input_ids` with the
+        `past_key_values` it returned as `cache` and the same encoder inputs: the result is the one continuous
+        generation would give. A cache that cannot hold this call's past is refused.
         """
         if encoder_input_ids is None:
             raise ValueError("`encoder_input_ids` is required: LayAlign generates from the source text it encodes.")
+        self._refuse_draft_models(kwargs)
+        # (Checked once here on every device: the passes check only on the CPU, where reading the ids is free.)
+        vocab_sizes = {"input_ids": (self.llm, "the LLM"), "encoder_input_ids": (self.encoder, "the encoder")}
+        for name, ids in (("input_ids", input_ids), ("encoder_input_ids", encoder_input_ids)):
+            if isinstance(ids, torch.Tensor):
+                base, owner = vocab_sizes[name]
+                check_token_range(name, ids, base.get_input_embeddings().num_embeddings, owner, always=True)
         if given := [name for name in ("mapped_encoder_embeds", "fused_states") if kwargs.get(name) is not None]:
             raise ValueError(
                 f"`generate` encodes `encoder_input_ids` itself; {', '.join(f'`{name}`' for name in given)} would be a "
@@ -47,6 +59,17 @@ class LayAlignGenerationMixin(GenerationMixin):
             )
         with torch.no_grad():
             encoded = self.encode(encoder_input_ids, encoder_attention_mask)
+        if (cache := kwargs.get("cache", kwargs.get("past_key_values"))) is not None:
+            text = attention_mask if attention_mask is not None else input_ids
+            check_cache_to_continue(
+                cache,
+                batch_size=encoder_input_ids.shape[0],
+                text_len=0 if text is None else text.shape[1],
+                num_prefix_positions=self.num_prefix_positions(encoder_input_ids.shape[1]),
+                num_llm_layers=self.config.text_config.num_hidden_layers,
+                num_adapted_layers=len(self.config.adapted_llm_layers) if self.config.use_layer_fusion else 0,
+                encoder_len=encoder_input_ids.shape[1],
+            )
         if input_ids is None and "inputs_embeds" not in kwargs:
             # An empty prompt: generation starts right after the boundary. Handed over as zero-length embeddings,
             # the one empty input `generate` accepts.
@@ -61,6 +84,19 @@ class LayAlignGenerationMixin(GenerationMixin):
         return super().generate(
             input_ids=input_ids, attention_mask=attention_mask, encoder_attention_mask=encoded.attention_mask, **kwargs
         )
+
+    def _refuse_draft_models(self, kwargs: dict) -> None:
+        """Assisted decoding drafts with another model (`assistant_model`) or with the LLM's first layers
+        (`assistant_early_exit`); neither reads the source, so neither can draft for LayAlign. Prompt lookup drafts
+        from the text and works."""
+        config = kwargs.get("generation_config") or self.generation_config
+        early_exit = kwargs.get("assistant_early_exit", getattr(config, "assistant_early_exit", None))
+        for name, value in (("assistant_model", kwargs.get("assistant_model")), ("assistant_early_exit", early_exit)):
+            if value is not None:
+                raise ValueError(
+                    f"`{name}` cannot draft for LayAlign: the draft would not read the source. Leave it unset; "
+                    "`prompt_lookup_num_tokens` (drafts copied from the prompt) speeds up LayAlign's decoding."
+                )
 
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
@@ -107,6 +143,10 @@ class LayAlignGenerationMixin(GenerationMixin):
         the same shapes, which is what lets `generate` compile the step. The first pass keeps the 2-D text mask, since
         `forward` lays out the prefix then.
         """
+        if is_first_iteration and kwargs.get("next_sequence_length") is not None and cache is not None:
+            # Continuing from a cache: the stock count of new tokens takes every cached position for text, but the
+            # cache also holds `[BOS, mapped encoder tokens, boundary]`.
+            kwargs["next_sequence_length"] += self.num_prefix_positions(kwargs["encoder_attention_mask"].shape[1])
         inputs = super().prepare_inputs_for_generation(
             input_ids,
             cache=cache,

@@ -71,6 +71,20 @@ def check_token_ids(name: str, ids: torch.Tensor) -> None:
         raise ValueError(f"`{name}` must hold integer token ids, got dtype {ids.dtype}.")
 
 
+def check_token_range(name: str, ids: torch.Tensor, vocab_size: int, owner: str, always: bool = False) -> None:
+    """Refuses ids outside `[0, vocab_size)` of `owner`'s embedding table (after `resize_token_embeddings` shrank
+    it, or with another tokenizer), which would fail in the embedding lookup without naming the argument.
+
+    Read only where that is free (see `check_labels`), unless `always` (once per `generate` call)."""
+    if not always and (ids.device.type != "cpu" or torch.compiler.is_compiling()):
+        return
+    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(
+            f"`{name}` holds token ids from {int(ids.min())} to {int(ids.max())}, but {owner}'s embedding table has "
+            f"{vocab_size} rows: use the tokenizer the model was trained with (resize the embeddings for new tokens)."
+        )
+
+
 def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"

@@ -34,6 +34,7 @@ from .inputs_layalign import (
     check_encoder_inputs,
     check_labels,
     check_token_ids,
+    check_token_range,
 )
 from .legacy_layalign import GATES_KEY_PATTERN, PER_LAYER_GATES_PATTERN
 from .modules_layalign import (
@@ -205,6 +206,8 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
         encoder_attention_mask = check_encoder_inputs(
             encoder_input_ids, encoder_attention_mask, self.encoder_family.max_length(self.config.encoder_config)
         )
+        vocab_size = self.encoder.get_input_embeddings().num_embeddings
+        check_token_range("encoder_input_ids", encoder_input_ids, vocab_size, "the encoder")
         encoder_kwargs = {}
         if self.encoder_family.causal:
             encoder_kwargs["position_ids"] = positions_from_mask(encoder_attention_mask)
@@ -305,7 +308,9 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if input_ids is not None:
             check_token_ids("input_ids", input_ids)
-            inputs_embeds = self.llm.get_input_embeddings()(input_ids)
+            embeddings = self.llm.get_input_embeddings()
+            check_token_range("input_ids", input_ids, embeddings.num_embeddings, "the LLM")
+            inputs_embeds = embeddings(input_ids)
         batch_size, text_len = inputs_embeds.shape[:2]
         prepared_mask = is_prepared_llm_mask(attention_mask)
         # (A static cache counts its length in a tensor; a prepared mask means a decoding step, without reading it.)

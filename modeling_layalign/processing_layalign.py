@@ -1,10 +1,17 @@
 """The LayAlign processor: the encoder's tokenizer and the LLM's tokenizer, saved and loaded as one."""
 
+import inspect
+import json
+import os
+from pathlib import Path
+
 import torch
-from transformers import BatchFeature, ProcessorMixin
+from transformers import AutoTokenizer, BatchFeature, ProcessorMixin
 
 
 IGNORE_INDEX = -100
+# A folder holds the LLM's tokenizer when it holds one of these (what `save_pretrained` writes for fast and slow ones).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 class LayAlignProcessor(ProcessorMixin):
@@ -51,6 +58,48 @@ class LayAlignProcessor(ProcessorMixin):
         self.prompt_template = prompt_template
         self.max_source_length = max_source_length
         self.max_length = max_length
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *args,
+        encoder_name_or_path: str | None = None,
+        llm_name_or_path: str | None = None,
+        **kwargs,
+    ) -> "LayAlignProcessor":
+        """`ProcessorMixin.from_pretrained`; a local LayAlign checkpoint saved without tokenizer files (a small
+        LayAlign-only checkpoint, such as the shipped ones) takes them from its bases.
+
+        Args:
+            encoder_name_or_path / llm_name_or_path: where the bases' tokenizers are, when the checkpoint has none;
+                default to the names in its `config.json`. The settings (`encoder_text_prefix`, `prompt_template`,
+                lengths) come from its `processor_config.json` when it has one; keyword arguments override them.
+        """
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir() or any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        config = _read_json(folder / "config.json")
+        sources = {
+            "encoder_name_or_path": encoder_name_or_path or config.get("encoder_name_or_path"),
+            "llm_name_or_path": llm_name_or_path or config.get("llm_name_or_path"),
+        }
+        if missing := [name for name, source in sources.items() if not source]:
+            raise ValueError(
+                f"{folder} holds no tokenizer files and its config names no base to take them from: pass "
+                f"{' and '.join(f'`{name}=`' for name in missing)} (the folders or Hub ids of the bases)."
+            )
+        settings = set(inspect.signature(cls.__init__).parameters) - {"self", "tokenizer", "encoder_tokenizer", "kwargs"}
+        saved = {name: value for name, value in _read_json(folder / "processor_config.json").items() if name in settings}
+        given = {name: kwargs.pop(name) for name in list(kwargs) if name in settings}
+        # The rest are loading options (`trust_remote_code`, `revision`, ...), for the tokenizers; `_from_auto` and
+        # the like are what `AutoProcessor` tells a processor class about itself.
+        loading = {name: value for name, value in kwargs.items() if not name.startswith("_")}
+        return cls(
+            tokenizer=AutoTokenizer.from_pretrained(sources["llm_name_or_path"], **loading),
+            encoder_tokenizer=AutoTokenizer.from_pretrained(sources["encoder_name_or_path"], **loading),
+            **{**saved, **given},
+        )
 
     def encode_example(self, source: str, target: str | None = None, prompt: str | None = None) -> dict[str, list[int]]:
         """Token ids of one example, unpadded: `input_ids`, `encoder_input_ids` and, with a target, `labels`.
@@ -140,6 +189,10 @@ class LayAlignProcessor(ProcessorMixin):
             if candidate is not None:
                 return candidate
         return 0
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _as_list(name: str, values, size: int) -> list:

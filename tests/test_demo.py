@@ -26,7 +26,7 @@ def test_ladder_rows_compare_each_stage_two_model_with_the_llm_alone(tiny_layali
     processor = LayAlignProcessor.from_pretrained(tiny_layalign_folder)
     rows = demo.ladder_rows(models, processor, ["sw", "te"], questions=2)
     assert [row[:2] for row in rows] == [["trained now", "sw"], ["trained now", "te"], ["shipped", "sw"], ["shipped", "te"]]
-    assert all(len(row) == 8 for row in rows)
+    assert all(len(row) == 9 for row in rows)
     examples = load_mgsm_with_answers(["sw", "te"], limit=2)
     for name, language, *cells in rows:
         model, questions = models[name], examples.filter(lambda row: row["language"] == language)
@@ -36,7 +36,9 @@ def test_ladder_rows_compare_each_stage_two_model_with_the_llm_alone(tiny_layali
         in_language = llm_target_loss(model.llm, processor.tokenizer, prompts["source"], targets)  # (b)
         real = layalign_target_loss(model, processor, sources, targets, prompts=prompts["source"])  # (c)
         shuffled = layalign_target_loss(model, processor, sources[1:] + sources[:1], targets, prompts=prompts["source"])
+        other_english = llm_target_loss(model.llm, processor.tokenizer, prompts["english"][::-1], targets)  # (e)
         expected = [english, in_language, real, shuffled, shuffled - real]
         assert [float(cell) for cell in cells[:5]] == pytest.approx(expected, abs=0.0011)
         assert cells[5] == f"{(in_language - real) / (in_language - english):.0%}"
+        assert cells[6] == f"{(shuffled - real) / (other_english - english):.0%}"
     assert rows[0][4:6] != rows[2][4:6]  # each model's own rungs (c), (d); the LLM's (a), (b) are shared

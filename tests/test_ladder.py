@@ -22,7 +22,20 @@ def test_mgsm_with_answers_pairs_each_question_with_the_gsm8k_chain_of_thought_i
     assert examples["source"][0] != examples["english"][0] and examples["source"][0] != examples["source"][3]
 
 
-def test_answer_ladder_measures_the_four_readings(model_and_processor):
+def test_mgsm_with_answers_reads_a_later_block_of_questions_with_their_own_answers():
+    first_five = load_mgsm_with_answers(["ja"], limit=5)
+    later = load_mgsm_with_answers(["ja"], limit=2, first=3)
+    assert later["line"] == [3, 4]
+    for column in ("source", "english", "target"):
+        assert later[column] == first_five[column][3:]
+    assert len(load_mgsm_with_answers(["ja"], first=240)) == 10  # MGSM has 250 questions per language
+    with pytest.raises(ValueError, match="`first` is the first MGSM line to read, 0 or more; got -1"):
+        load_mgsm_with_answers(["ja"], first=-1)
+    with pytest.raises(ValueError, match="MGSM has no question from line 250 on"):
+        load_mgsm_with_answers(["ja"], first=250)
+
+
+def test_answer_ladder_measures_the_five_readings(model_and_processor):
     model, processor = model_and_processor
     examples = Dataset.from_dict(
         {
@@ -44,12 +57,16 @@ def test_answer_ladder_measures_the_four_readings(model_and_processor):
     swapped = layalign_target_loss(model, processor, de["source"][::-1], de["target"], prompts=prompts)
     assert ladder["de"].shuffled == pytest.approx(swapped)
     assert ladder["de"].gap == pytest.approx(swapped - ladder["de"].layalign)
+    other_english = llm_target_loss(model.llm, processor.tokenizer, [MATH_PROMPT.format(query=q) for q in de["english"][::-1]], de["target"])
+    assert ladder["de"].english_shuffled == pytest.approx(other_english)
+    assert ladder["de"].content_share == pytest.approx((swapped - ladder["de"].layalign) / (other_english - english))
     assert ladder.keys() == {"de", "sw"}
     # precomputed LLM-alone rungs are used as given
     rungs = llm_rungs(model.llm, processor.tokenizer, examples)
-    assert rungs["sw"] == pytest.approx((ladder["sw"].english, ladder["sw"].llm))
-    rung = LadderRung(english=1.0, llm=3.0, layalign=2.0, shuffled=2.5)
-    assert (rung.gap, rung.share_closed, rung.share_closed_shuffled) == (0.5, 0.5, 0.25)
+    assert rungs["sw"] == pytest.approx((ladder["sw"].english, ladder["sw"].llm, ladder["sw"].english_shuffled))
+    rung = LadderRung(english=1.0, llm=3.0, layalign=2.0, shuffled=2.5, english_shuffled=3.0)
+    assert (rung.gap, rung.share_closed, rung.share_closed_shuffled, rung.content_share) == (0.5, 0.5, 0.25, 0.25)
     assert LadderRung(english=1.0, llm=3.0).to_dict()["share_closed"] is None
-    with pytest.raises(ValueError, match="shuffles sources"):
+    assert LadderRung(english=1.0, llm=3.0, layalign=2.0, shuffled=2.5).content_share is None
+    with pytest.raises(ValueError, match="shuffles questions"):
         answer_ladder(model, processor, examples.select([0, 2]), rungs)

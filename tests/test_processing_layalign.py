@@ -1,5 +1,7 @@
 """`LayAlignProcessor`: token layout per stage, padding, truncation, saving and loading."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoProcessor, AutoTokenizer
@@ -96,6 +98,32 @@ def test_save_and_load_round_trip(processor, tmp_path):
         assert reloaded.encoder_text_prefix == "query: " and reloaded.max_length == 64 and reloaded.max_source_length == 32
         batch, expected = reloaded(["Bata wa Janet"], targets=["Janet"]), processor(["Bata wa Janet"], targets=["Janet"])
         assert {key: value.tolist() for key, value in batch.items()} == {key: value.tolist() for key, value in expected.items()}
+
+
+def test_a_checkpoint_without_tokenizer_files_takes_them_from_its_bases(processor, tiny_base_folders, tmp_path):
+    # A small LayAlign-only checkpoint, as the shipped ones: config, weights and the processor's settings only.
+    LayAlignForCausalLM.from_base_models(tiny_base_folders["encoder"], tiny_base_folders["llm"]).save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path / "full_processor")
+    (tmp_path / "processor_config.json").write_text((tmp_path / "full_processor" / "processor_config.json").read_text())
+    expected = processor(["Bata wa Janet"], targets=["Janet"])
+    for loader in (LayAlignProcessor, AutoProcessor):
+        reloaded = loader.from_pretrained(tmp_path, trust_remote_code=True)
+        assert type(reloaded).__name__ == "LayAlignProcessor"
+        assert reloaded.encoder_text_prefix == "query: " and reloaded.max_length == 64 and reloaded.max_source_length == 32
+        batch = reloaded(["Bata wa Janet"], targets=["Janet"])
+        assert {key: value.tolist() for key, value in batch.items()} == {key: value.tolist() for key, value in expected.items()}
+    assert LayAlignProcessor.from_pretrained(tmp_path, max_length=7).max_length == 7  # keyword arguments win
+    # bases named here rather than by the config (moved folders), and a checkpoint that names none
+    (tmp_path / "processor_config.json").unlink()
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["encoder_name_or_path"], config["llm_name_or_path"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="holds no tokenizer files .* pass `encoder_name_or_path=` and `llm_name_or_path=`"):
+        LayAlignProcessor.from_pretrained(tmp_path)
+    named = LayAlignProcessor.from_pretrained(
+        tmp_path, encoder_name_or_path=tiny_base_folders["encoder"], llm_name_or_path=tiny_base_folders["llm"]
+    )
+    assert named.encoder_text_prefix == "" and named.tokenizer("Janet")["input_ids"] == processor.tokenizer("Janet")["input_ids"]
 
 
 def test_processor_output_drives_the_model(processor, tiny_base_folders):

@@ -69,7 +69,7 @@ def test_stage_two_trains_both_systems_from_one_stage_one_and_reports_the_ladder
     args = Namespace(
         output_dir=str(tmp_path), stage_one=tiny_layalign_folder, bases=(tiny_base_folders["encoder"], tiny_base_folders["llm"]),
         max_steps=2, batch_size=2, eval_every=1, max_length=64, max_source_length=32, ladder_languages=["sw", "te"],
-        ladder_questions=3, curve_languages=["te"], curve_questions=2, curve_every=1, ladder_step=None,
+        ladder_questions=3, ladder_first_question=2, curve_languages=["te"], curve_questions=2, curve_every=1, ladder_step=None,
         train_args=["--bf16", "False", "--max_train_examples", "4"],
     )  # fmt: skip
     for name in study.STAGE_TWO_SYSTEMS:
@@ -87,9 +87,24 @@ def test_stage_two_trains_both_systems_from_one_stage_one_and_reports_the_ladder
         assert [point["step"] for point in results["curve"]] == [0, 1, 2]
         row = results["final"]["sw"]
         assert row["share_closed"] == pytest.approx((row["llm"] - row["layalign"]) / (row["llm"] - row["english"]))
+        assert row["content_share"] == pytest.approx((row["shuffled"] - row["layalign"]) / (row["english_shuffled"] - row["english"]))
+        assert results["first_question"] == 2
     study.ladder_report(tmp_path, ["sw", "te"], ["te"])
     printed = capsys.readouterr().out
     assert "| LLM alone | te |" in printed and "| mindmerger | sw |" in printed and "| 2 | " in printed
+    content = json.loads((tmp_path / "layalign" / "ladder.json").read_text())["curve"][-1]["te"]["content_share"]
+    assert f"| {content:.0%} |" in printed.split("against steps")[1]  # the curve's mean over its one language
+    # a ladder measured before the content share existed is still reported, with dashes where it has no value
+    old = json.loads((tmp_path / "mindmerger" / "ladder.json").read_text())
+    for row in [*old["llm_alone"].values(), *old["final"].values(), *(point["te"] for point in old["curve"])]:
+        row.pop("english_shuffled")
+        row.pop("content_share", None)
+    (tmp_path / "mindmerger" / "ladder.json").write_text(json.dumps(old))
+    study.ladder_report(tmp_path, ["sw", "te"], ["te"])
+    printed = capsys.readouterr().out
+    mindmerger_sw = next(line for line in printed.splitlines() if line.startswith("| mindmerger | sw |"))
+    cells = [cell.strip() for cell in mindmerger_sw.split("|")[1:-1]]
+    assert (cells[6], cells[10]) == ("-", "-") and cells[4] != "-"  # (e) and the content share unknown; (c) kept
 
 
 def test_reports_and_ladders_of_nothing_say_what_to_run_first(tmp_path):
