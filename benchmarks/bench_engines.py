@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from modeling_layalign.distributed_exit import exit_without_finalization
+from modeling_layalign.training.distributed_exit import exit_without_finalization
 
 from common import (
     PRESETS,
@@ -182,4 +182,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
-    exit_without_finalization()  # the engines keep the process group alive (see modeling_layalign.distributed_exit)
+    exit_without_finalization()  # the engines keep the process group alive (see modeling_layalign.training.distributed_exit)

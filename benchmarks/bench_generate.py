@@ -18,7 +18,7 @@ pass; "of which encode" times `model.encode` alone, the part the LLM alone never
 import torch
 from transformers import CompileConfig
 
-from modeling_layalign.cli_arguments import positive_int
+from modeling_layalign.evaluation.cli_arguments import positive_int
 
 from common import (
     Models,

@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MT5Config, MT5EncoderModel
 
 from modeling_layalign import LayAlignConfig, LayAlignForCausalLM
-from modeling_layalign.cli_arguments import positive_int
+from modeling_layalign.evaluation.cli_arguments import positive_int
 
 
 @dataclass(frozen=True)

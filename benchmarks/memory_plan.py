@@ -24,7 +24,7 @@ import torch
 from transformers import LlamaConfig, MT5Config
 
 from modeling_layalign import LayAlignConfig, LayAlignForCausalLM
-from modeling_layalign.cli_arguments import positive_int
+from modeling_layalign.evaluation.cli_arguments import positive_int
 
 
 GIB = 1024**3

@@ -17,7 +17,7 @@ from transformers import AutoConfig
 from transformers.utils import logging
 
 from layalign_demo import hub_id_of
-from modeling_layalign.paper_benchmarks import BENCHMARKS, paper_table
+from modeling_layalign.evaluation.paper_benchmarks import BENCHMARKS, paper_table
 
 
 REPOSITORY = Path(__file__).resolve().parent.parent

@@ -27,7 +27,7 @@ from transformers.utils import logging
 from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
 from modeling_layalign.bases_layalign import check_training_checkpoint
 from modeling_layalign.saving_layalign import LORA_SUBFOLDER
-from modeling_layalign.data import (
+from modeling_layalign.training.data import (
     MATH_PROMPT,
     PAIR_LANGUAGES,
     LayAlignDataCollator,
@@ -38,10 +38,10 @@ from modeling_layalign.data import (
     load_translation_pairs,
     tokenize_for_stage,
 )
-from modeling_layalign.distributed_exit import exit_without_finalization
-from modeling_layalign.engine_checkpoints import check_engine_saves_weights, check_resume_fits_engine
-from modeling_layalign.monitoring import MappingCollapseCallback
-from modeling_layalign.warm_start import warm_start_input_mapping
+from modeling_layalign.training.distributed_exit import exit_without_finalization
+from modeling_layalign.training.engine_checkpoints import check_engine_saves_weights, check_resume_fits_engine
+from modeling_layalign.training.monitoring import MappingCollapseCallback
+from modeling_layalign.training.warm_start import warm_start_input_mapping
 
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -119,7 +119,7 @@ class ModelArguments:
         default=0,
         metadata={
             "help": "Stage 1 from scratch: first fit the input mapping on up to this many English training sentences "
-            "(modeling_layalign.warm_start; not in the paper). 0 starts from random weights, as the paper does."
+            "(modeling_layalign.training.warm_start; not in the paper). 0 starts from random weights, as the paper does."
         },
     )
     warm_start_pairs: int = field(
@@ -288,7 +288,7 @@ def keep_trainable_in_float32(model: LayAlignForCausalLM, training_args: Trainin
 
 
 def warm_start(model: LayAlignForCausalLM, processor: LayAlignProcessor, model_args: ModelArguments, data_args) -> None:
-    """Fits the input mapping before a stage-1 run from scratch (see `modeling_layalign/warm_start.py`).
+    """Fits the input mapping before a stage-1 run from scratch (see `modeling_layalign/training/warm_start.py`).
 
     The English sentences and the pairs come from the training split (no held-out line), whatever
     `--max_train_examples` keeps for the stage itself.
@@ -372,7 +372,7 @@ def save_lora_run(model, processor: LayAlignProcessor, output_dir: str) -> None:
 def leave_launched_run(trainer: Trainer) -> None:
     """Ends the process once its run has finished and saved: a process of a launched run (more than one process)
     leaves without the interpreter's finalization, which could abort it over the process groups the engines keep
-    alive (see `modeling_layalign.distributed_exit`); its exit hooks still run."""
+    alive (see `modeling_layalign.training.distributed_exit`); its exit hooks still run."""
     trainer.accelerator.end_training()
     if trainer.args.world_size > 1:
         exit_without_finalization()

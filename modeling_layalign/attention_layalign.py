@@ -170,6 +170,53 @@ def encoder_attention_bias(encoder_mask: torch.Tensor) -> torch.Tensor:
     return torch.rsub(encoder_mask.view(encoder_mask.shape[0], 1, 1, -1), lowest, alpha=lowest)
 
 
+def fused_attention_inputs(
+    fused_states: torch.Tensor | None,
+    encoder_attention_mask: torch.Tensor,
+    fused_cache: Cache | None,
+    gates: nn.Module,
+    scale_value_sources: bool,
+    slots: dict[int, int],
+    family: LLMAttentionFamily,
+    dtype: torch.dtype,
+) -> FusedAttentionInputs:
+    """What the adapted layers read in one pass: the sources to project (`fused_states` given) or the cache that
+    holds their projections (`fused_states=None`).
+
+    Args:
+        fused_states: `(batch, encoder_len, 2M, d_llm)` from the fusion, or `None` when `fused_cache` holds them.
+        encoder_attention_mask: `(batch, encoder_len)`, 1 on real source tokens.
+        gates: the model's `LayAlignGates`; called inside this pass, so that sharded training gathers it there.
+        scale_value_sources: True when no adapted `v_proj` has a bias: the gate and the encoder mask then scale the
+            value sources (a linear map without bias commutes with the scale: one product for every layer instead
+            of one per layer); otherwise they scale each layer's projected values.
+        slots, family: as in [`FusedAttentionInputs`].
+        dtype: the LLM's, which its frozen projections read (the LayAlign modules may train in float32 over
+            half-precision bases).
+    """
+    sources = value_scales = None
+    encoder_attention_mask = encoder_attention_mask.to(dtype)
+    if fused_states is not None:
+        padding = encoder_attention_mask.view(*encoder_attention_mask.shape, 1, 1)
+        fused_states = fused_states.to(dtype)
+        if scale_value_sources:
+            # (1 for the key source of every layer, its gate for the value source: (2M, 1) -> (batch, T, 2M, 1))
+            fused_states = fused_states * (gates(per_source=True).to(dtype) * padding)
+        else:
+            value_scales = (gates().to(dtype)[:, None, None, None, None] * padding).unbind(0)
+        # (Rows flattened once for all layers: each projection is then a plain matrix product, with no reshaping of
+        # its input and output on either pass.)
+        sources = fused_states.flatten(0, 1).unbind(1)
+    return FusedAttentionInputs(
+        sources=sources,
+        value_scales=value_scales,
+        cache=fused_cache,
+        encoder_bias=encoder_attention_bias(encoder_attention_mask),
+        slots=slots,
+        family=family,
+    )
+
+
 def fused_branch_attention(
     module: nn.Module,
     query: torch.Tensor,

@@ -53,6 +53,20 @@ def with_fused_states_cache(llm_cache: Cache, num_adapted_layers: int, encoder_l
     return EncoderDecoderCache(llm_cache, FusedStatesCache(num_adapted_layers))
 
 
+def cache_for_pass(
+    cache: Cache | None, use_cache: bool | None, text_config, num_adapted_layers: int, encoder_len: int
+) -> Cache | None:
+    """The cache of one forward pass of a model whose fusion has `num_adapted_layers` adapted layers (0 in MindMerger
+    mode, which keeps the LLM's own cache): `cache` as it is when it already pairs both halves, or paired with an
+    empty cache for the fused keys and values (a plain LLM cache passed, or `use_cache=True` without a cache)."""
+    if not num_adapted_layers or isinstance(cache, EncoderDecoderCache):
+        return cache
+    if cache is None and not use_cache:
+        return None
+    llm_cache = cache if cache is not None else DynamicCache(config=text_config)
+    return with_fused_states_cache(llm_cache, num_adapted_layers, encoder_len)
+
+
 def check_cache_to_continue(
     cache: object,
     *,

@@ -13,18 +13,13 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
-from .attention_layalign import (
-    FusedAttentionInputs,
-    encoder_attention_bias,
-    fused_attention_implementation,
-    llm_family,
-)
-from .cache_layalign import with_fused_states_cache
+from .attention_layalign import fused_attention_implementation, fused_attention_inputs, llm_family
+from .cache_layalign import cache_for_pass
 from .checkpoint_layalign import LayAlignCheckpointMixin
 from .configuration_layalign import LayAlignConfig
 from .generation_layalign import LayAlignGenerationMixin
@@ -328,7 +323,10 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
                 f"The encoder inputs hold {encoder_attention_mask.shape[0]} examples but the LLM inputs hold "
                 f"{batch_size}; each example needs both."
             )
-        cache = self._with_fused_cache(llm_cache if cache is None else cache, use_cache, encoder_attention_mask.shape[1])
+        num_adapted = len(self.config.adapted_llm_layers) if self.config.use_layer_fusion else 0
+        cache = cache_for_pass(
+            llm_cache if cache is None else cache, use_cache, self.config.text_config, num_adapted, encoder_attention_mask.shape[1]
+        )
         if isinstance(cache, EncoderDecoderCache):
             llm_cache = cache.self_attention_cache
 
@@ -347,10 +345,15 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
             )
         fused_inputs = None
         if self.config.use_layer_fusion:
-            fused_inputs = self._fused_attention_inputs(
+            fused_inputs = fused_attention_inputs(
                 None if fused_cached else fused_states,
                 encoder_attention_mask,
                 cache.cross_attention_cache if isinstance(cache, EncoderDecoderCache) else None,
+                self.gates,
+                self._scale_value_sources,
+                self._fused_slots,
+                self.llm_family,
+                self.llm.get_input_embeddings().weight.dtype,
             )
         outputs = self.llm(
             inputs_embeds=sequence.inputs_embeds,
@@ -370,51 +373,6 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
                 cache.is_updated.update(dict.fromkeys(range(len(self.config.adapted_llm_layers)), True))
             outputs.cache = cache
         return outputs
-
-    def _with_fused_cache(self, cache: Cache | None, use_cache: bool | None, encoder_len: int) -> Cache | None:
-        """The cache of this pass: the LLM's cache paired with one for the fused keys and values (filled by the first
-        pass, read by the later ones; see `cache_layalign.py`). Built when a plain cache or `use_cache=True` is
-        passed; MindMerger mode keeps the LLM's own cache."""
-        if not self.config.use_layer_fusion or isinstance(cache, EncoderDecoderCache):
-            return cache
-        if cache is None and not use_cache:
-            return None
-        llm_cache = cache if cache is not None else DynamicCache(config=self.config.text_config)
-        return with_fused_states_cache(llm_cache, len(self.config.adapted_llm_layers), encoder_len)
-
-    def _fused_attention_inputs(
-        self, fused_states: torch.Tensor | None, encoder_attention_mask: torch.Tensor, fused_cache: Cache | None
-    ) -> FusedAttentionInputs:
-        """What the adapted layers read this pass: the sources to project (`fused_states` given) or the cache that
-        holds their projections (`fused_states=None`).
-
-        The sources are cast to the LLM's dtype, which its frozen projections read (the LayAlign modules may train
-        in float32 over half-precision bases), and carry each layer's gate and the encoder mask (see
-        `attention_layalign.project_fused_kv`): on the value sources themselves when no adapted `v_proj` has a bias,
-        otherwise as one scale per layer for the projected values.
-        """
-        dtype = self.llm.get_input_embeddings().weight.dtype
-        sources = value_scales = None
-        encoder_attention_mask = encoder_attention_mask.to(dtype)
-        if fused_states is not None:
-            padding = encoder_attention_mask.view(*encoder_attention_mask.shape, 1, 1)
-            fused_states = fused_states.to(dtype)
-            if self._scale_value_sources:
-                # (1 for the key source of every layer, its gate for the value source: (2M, 1) -> (batch, T, 2M, 1))
-                fused_states = fused_states * (self.gates(per_source=True).to(dtype) * padding)
-            else:
-                value_scales = (self.gates().to(dtype)[:, None, None, None, None] * padding).unbind(0)
-            # (Rows flattened once for all layers: each projection is then a plain matrix product, with no reshaping
-            # of its input and output on either pass.)
-            sources = fused_states.flatten(0, 1).unbind(1)
-        return FusedAttentionInputs(
-            sources=sources,
-            value_scales=value_scales,
-            cache=fused_cache,
-            encoder_bias=encoder_attention_bias(encoder_attention_mask),
-            slots=self._fused_slots,
-            family=self.llm_family,
-        )
 
     def _encoder_side(
         self,

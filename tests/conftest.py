@@ -194,7 +194,7 @@ def tiny_layalign_folder(tiny_base_folders, tmp_path_factory) -> str:
     from transformers import AutoTokenizer
 
     from modeling_layalign import LayAlignProcessor
-    from modeling_layalign.data import MATH_PROMPT
+    from modeling_layalign.training.data import MATH_PROMPT
 
     folder = tmp_path_factory.mktemp("layalign")
     torch.manual_seed(0)

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from modeling_layalign.attention_layalign import (
     LLM_FAMILIES,
     encoder_attention_bias,
+    fused_attention_inputs,
     fused_branch_attention,
     llm_family,
 )
@@ -61,7 +62,10 @@ def _direct_fused_kv(model, fused: torch.Tensor, encoder_mask: torch.Tensor) -> 
 
 def _layer_projections(model, fused: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
     """What the adapted layers project in a forward pass: each layer's `keys_and_values`, stacked as above."""
-    inputs = model._fused_attention_inputs(fused, encoder_mask, fused_cache=None)
+    inputs = fused_attention_inputs(
+        fused, encoder_mask, None, model.gates, model._scale_value_sources, model._fused_slots, model.llm_family,
+        model.llm.dtype,
+    )  # fmt: skip
     per_layer = [
         torch.stack(inputs.keys_and_values(attention, slot), dim=1)
         for slot, attention in enumerate(model._adapted_attention_modules())

@@ -100,3 +100,14 @@ def test_engine_benchmark_runs_each_engine_on_the_same_step(tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())
     losses = [results[engine]["first_loss"] for engine in ("unwrapped", "FSDP 2", "ZeRO-2")]
     assert losses == pytest.approx([losses[0]] * 3, rel=1e-6)  # same seed, same batch, same step
+
+
+def test_wall_clock_benchmark_prints_each_ratio_of_every_run(benchmark_module, capsys):
+    results = benchmark_module("bench_wall_clock").main(["--preset", "tiny", "--repeats", "1", "--runs", "2", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert len(results["runs"]) == 2 and results["threads"] == 1
+    for name, ratio in results["runs"][0].items():
+        assert ratio > 0
+        assert printed_rows(printed, name)[0][1:3] == [f"{ratio:.2f}x", f"{results['runs'][1][name]:.2f}x"]
+    assert list(results["runs"][0])[-1] == "training step, batch 4, LayAlign / MindMerger mode"
+    assert benchmark_module("bench_wall_clock").meets(0.96, 0.95, "at least") and not benchmark_module("bench_wall_clock").meets(1.2, 1.15, "at most")

@@ -17,10 +17,10 @@ from safetensors import safe_open
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from modeling_layalign import LayAlignForCausalLM
-from modeling_layalign.convert import convert_reference_checkpoint
+from modeling_layalign.conversion.convert import convert_reference_checkpoint
 
 from .conftest import ENCODER_VOCAB, LLM_VOCAB, with_trained_layalign_weights
-from .test_convert import reference_state_dict
+from .conversion.test_convert import reference_state_dict
 from .test_modeling_layalign_checkpoints import logits, sample_inputs
 
 

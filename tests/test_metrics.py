@@ -1,11 +1,11 @@
 """The repository's local `evaluate` metrics (`metrics/`) load offline with `evaluate.load(path)` and score as the
-scoring functions of `modeling_layalign.evaluation` do."""
+scoring functions of `modeling_layalign.evaluation.scoring` do."""
 
 import pytest
 import sacrebleu
 
-from modeling_layalign.evaluation import METRICS_DIR, load_metric
-from modeling_layalign.paper_benchmarks import BENCHMARKS
+from modeling_layalign.evaluation.scoring import METRICS_DIR, load_metric
+from modeling_layalign.evaluation.paper_benchmarks import BENCHMARKS
 
 
 evaluate = pytest.importorskip("evaluate")

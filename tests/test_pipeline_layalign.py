@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-from modeling_layalign.evaluation import layalign_generate
+from modeling_layalign.evaluation.scoring import layalign_generate
 
 
 SOURCES = ["Bata wa Janet hutaga mayai 16 kila siku.", "Weng earns $12 an hour", "Natalia hat 48 Clips verkauft."]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
-from modeling_layalign.evaluation import layalign_target_loss
+from modeling_layalign.evaluation.scoring import layalign_target_loss
 
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ def test_held_out_pairs_are_lines_no_training_run_reads():
     assert preset["data"]["held_out"] == study.HELD_OUT
     sources, targets = study.held_out_pairs("ja", 64)
     assert len(sources) == len(targets) == 64
-    from modeling_layalign.data import held_out_lines, load_translation_pairs
+    from modeling_layalign.training.data import held_out_lines, load_translation_pairs
 
     training = load_translation_pairs(["ja"], exclude_lines=held_out_lines(study.HELD_OUT))
     assert not set(sources) & set(training["source"])

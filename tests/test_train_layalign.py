@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, TrainerCallback
 
 from modeling_layalign import LayAlignForCausalLM
-from modeling_layalign.data import LayAlignDataCollator
+from modeling_layalign.training.data import LayAlignDataCollator
 
 
 REPOSITORY = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """Choice accuracy: a local `evaluate` metric, read offline with `evaluate.load("metrics/choice_accuracy")`."""
 
 from modeling_layalign import accuracy_metric
-from modeling_layalign.evaluation import is_correct_choice
+from modeling_layalign.evaluation.scoring import is_correct_choice
 
 
 class ChoiceAccuracy(accuracy_metric.AccuracyMetric):

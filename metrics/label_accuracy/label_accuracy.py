@@ -1,7 +1,7 @@
 """Label accuracy: a local `evaluate` metric, read offline with `evaluate.load("metrics/label_accuracy")`."""
 
 from modeling_layalign import accuracy_metric
-from modeling_layalign.evaluation import is_correct_label
+from modeling_layalign.evaluation.scoring import is_correct_label
 
 
 class LabelAccuracy(accuracy_metric.AccuracyMetric):

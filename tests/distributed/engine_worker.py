@@ -41,8 +41,8 @@ from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_h
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor  # noqa: E402
-from modeling_layalign.distributed_exit import exit_without_finalization  # noqa: E402
-from modeling_layalign.monitoring import mapping_statistics  # noqa: E402
+from modeling_layalign.training.distributed_exit import exit_without_finalization  # noqa: E402
+from modeling_layalign.training.monitoring import mapping_statistics  # noqa: E402
 from tests.conftest import set_gates  # noqa: E402
 
 
@@ -379,7 +379,7 @@ def main(engine_name: str, encoder: str, llm: str, output_dir: Path) -> None:
     dist.barrier()
     dist.destroy_process_group()
     # Everything this worker reports is written: leave without the finalization that could abort it over the
-    # process groups the engines keep alive (issue #32, see `modeling_layalign.distributed_exit`).
+    # process groups the engines keep alive (issue #32, see `modeling_layalign.training.distributed_exit`).
     exit_without_finalization()
 
 

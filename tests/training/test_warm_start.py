@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-from modeling_layalign.warm_start import aligned_token_pairs, translated_token_pairs, warm_start_input_mapping
+from modeling_layalign.training.warm_start import aligned_token_pairs, translated_token_pairs, warm_start_input_mapping
 
-from .conftest import SAMPLE_TEXTS
+from ..conftest import SAMPLE_TEXTS
 
 
 @pytest.fixture

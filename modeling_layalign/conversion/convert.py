@@ -1,6 +1,6 @@
 """Convert checkpoints of the reference LayAlign and MindMerger code into LayAlign-only checkpoints of this package.
 
-    python -m modeling_layalign.convert SOURCE OUTPUT_DIR [--encoder google/mt5-xl] [--llm meta-math/MetaMath-7B-V1.0]
+    python -m modeling_layalign.conversion.convert SOURCE OUTPUT_DIR [--encoder google/mt5-xl] [--llm meta-math/MetaMath-7B-V1.0]
 
 SOURCE is a `pytorch_model.bin`, a folder holding one (or a sharded `pytorch_model.bin.index.json`), or a Hub id.
 `reference_checkpoint.py` reads it and names its weights; this module checks the bases, builds the model and saves
@@ -18,10 +18,10 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging
 
-from .bases_layalign import evenly_spaced_positions
-from .configuration_layalign import LayAlignConfig
-from .modeling_layalign import LayAlignForCausalLM
-from .processing_layalign import LayAlignProcessor
+from ..bases_layalign import evenly_spaced_positions
+from ..configuration_layalign import LayAlignConfig
+from ..modeling_layalign import LayAlignForCausalLM
+from ..processing_layalign import LayAlignProcessor
 from .reference_checkpoint import (
     BASE_SAMPLE_SIZE,
     DEFAULT_ENCODER,
@@ -259,7 +259,7 @@ def _parse_dtype(name: str) -> torch.dtype | str:
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m modeling_layalign.convert",
+        prog="python -m modeling_layalign.conversion.convert",
         description="Convert a reference LayAlign / MindMerger checkpoint (pickled pytorch_model.bin, possibly "
         "sharded) into a LayAlign-only checkpoint that LayAlignForCausalLM.from_pretrained loads.",
     )

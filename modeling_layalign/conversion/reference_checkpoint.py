@@ -52,8 +52,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers.utils import logging
 
-from .configuration_layalign import LayAlignConfig
-from .modeling_layalign import LayAlignForCausalLM
+from ..configuration_layalign import LayAlignConfig
+from ..modeling_layalign import LayAlignForCausalLM
 
 
 logger = logging.get_logger(__name__)

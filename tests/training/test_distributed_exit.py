@@ -1,4 +1,4 @@
-"""`modeling_layalign.distributed_exit`: a process leaves without the interpreter's finalization, its exit hooks run,
+"""`modeling_layalign.training.distributed_exit`: a process leaves without the interpreter's finalization, its exit hooks run,
 its output flushed, its status kept."""
 
 import subprocess
@@ -10,7 +10,7 @@ def test_exit_hooks_run_and_output_is_flushed_before_the_process_ends(tmp_path):
     script = textwrap.dedent(
         f"""
         import atexit, pathlib, sys
-        from modeling_layalign.distributed_exit import exit_without_finalization
+        from modeling_layalign.training.distributed_exit import exit_without_finalization
         atexit.register(pathlib.Path({str(tmp_path / "hook")!r}).touch)
         print("written", end="")  # no newline: still buffered when the process ends
         sys.stderr.write("also written")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoProcessor, TrainerControl, TrainerState, TrainingArguments
 
-from modeling_layalign.monitoring import PROBE_SOURCES, MappingCollapseCallback, mapping_statistics
+from modeling_layalign.training.monitoring import PROBE_SOURCES, MappingCollapseCallback, mapping_statistics
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def test_statistics_leave_the_training_mode_as_it_was(model_and_processor):
 def test_callback_warns_once_on_a_collapsed_mapping_and_stays_quiet_on_a_healthy_one(model_and_processor, caplog):
     model, processor = model_and_processor
     callback = MappingCollapseCallback(processor)
-    with caplog.at_level(logging.WARNING, logger="modeling_layalign.monitoring"):
+    with caplog.at_level(logging.WARNING, logger="modeling_layalign.training.monitoring"):
         callback.measure(model, processor)
         assert warnings_of(caplog) == []
         collapse(model)

@@ -13,10 +13,10 @@ from pathlib import Path
 from datasets import Dataset, concatenate_datasets, load_dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .data import MATH_PROMPT, clean_gsm8k_answer, default_data_dir, load_mgsm
-from .evaluation import layalign_target_loss, llm_target_loss
-from .modeling_layalign import LayAlignForCausalLM
-from .processing_layalign import LayAlignProcessor
+from ..modeling_layalign import LayAlignForCausalLM
+from ..processing_layalign import LayAlignProcessor
+from ..training.data import MATH_PROMPT, clean_gsm8k_answer, default_data_dir, load_mgsm
+from .scoring import layalign_target_loss, llm_target_loss
 
 
 LADDER_LANGUAGES = ("sw", "bn", "th", "te", "ja", "zh", "ru", "de", "fr", "es")

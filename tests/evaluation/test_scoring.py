@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
-from modeling_layalign.evaluation import (
+from modeling_layalign.evaluation.scoring import (
     alignment_scores,
     number_recall,
     extract_last_number,

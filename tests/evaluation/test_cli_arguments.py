@@ -1,4 +1,4 @@
-"""`modeling_layalign.cli_arguments`: counts that must be positive are refused at parsing, naming the flag, by every
+"""`modeling_layalign.evaluation.cli_arguments`: counts that must be positive are refused at parsing, naming the flag, by every
 command line that takes one (they used to run on nothing and exit 0, print negative GiB, or fail deep inside)."""
 
 import argparse
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from modeling_layalign.cli_arguments import positive_int
+from modeling_layalign.evaluation.cli_arguments import positive_int
 
 
-REPOSITORY = Path(__file__).resolve().parent.parent
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def test_positive_int_takes_counts_of_one_or_more():

@@ -5,11 +5,11 @@ import json
 import pytest
 from datasets import Dataset
 
-from modeling_layalign.data import MATH_PROMPT, default_data_dir
-from modeling_layalign.evaluation import layalign_target_loss, llm_target_loss
-from modeling_layalign.ladder import LadderRung, answer_ladder, llm_rungs, load_mgsm_with_answers
+from modeling_layalign.training.data import MATH_PROMPT, default_data_dir
+from modeling_layalign.evaluation.scoring import layalign_target_loss, llm_target_loss
+from modeling_layalign.evaluation.ladder import LadderRung, answer_ladder, llm_rungs, load_mgsm_with_answers
 
-from .test_evaluation import SOURCES, model_and_processor  # noqa: F401 (a fixture)
+from .test_scoring import SOURCES, model_and_processor  # noqa: F401 (a fixture)
 
 
 def test_mgsm_with_answers_pairs_each_question_with_the_gsm8k_chain_of_thought_it_translates():

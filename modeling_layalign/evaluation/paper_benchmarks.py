@@ -11,8 +11,10 @@ from pathlib import Path
 
 from datasets import Dataset, concatenate_datasets, load_dataset
 
-from .data import MATH_PROMPT, check_languages, load_mgsm
-from .evaluation import (
+from ..modeling_layalign import LayAlignForCausalLM
+from ..processing_layalign import LayAlignProcessor
+from ..training.data import MATH_PROMPT, check_languages, load_mgsm
+from .scoring import (
     extract_last_number,
     is_correct_choice,
     is_correct_label,
@@ -21,8 +23,6 @@ from .evaluation import (
     llm_generate,
     load_metric,
 )
-from .modeling_layalign import LayAlignForCausalLM
-from .processing_layalign import LayAlignProcessor
 
 
 MSVAMP_FILES = {

@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from modeling_layalign import LayAlignProcessor
-from modeling_layalign.data import (
+from modeling_layalign.training.data import (
     MATH_PROMPT,
     LayAlignDataCollator,
     clean_gsm8k_answer,

@@ -10,12 +10,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils.logging import tqdm
 
-from .modeling_layalign import LayAlignForCausalLM
-from .processing_layalign import IGNORE_INDEX, LayAlignProcessor, pad_sequences
+from ..modeling_layalign import LayAlignForCausalLM
+from ..processing_layalign import IGNORE_INDEX, LayAlignProcessor, pad_sequences
 
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-METRICS_DIR = Path(__file__).resolve().parent.parent / "metrics"
+METRICS_DIR = Path(__file__).resolve().parents[2] / "metrics"
 
 
 def load_metric(name: str):

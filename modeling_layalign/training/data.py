@@ -20,7 +20,7 @@ from pathlib import Path
 from datasets import Dataset, concatenate_datasets, load_dataset
 from transformers import BatchFeature
 
-from .processing_layalign import LayAlignProcessor
+from ..processing_layalign import LayAlignProcessor
 
 
 LANGUAGE_NAMES = {
@@ -51,7 +51,7 @@ PAIRS_PER_LANGUAGE = 850
 
 def default_data_dir() -> Path:
     """`$LAYALIGN_DATA`, else the `data/` folder shipped next to this package."""
-    return Path(os.environ.get("LAYALIGN_DATA", Path(__file__).resolve().parent.parent / "data"))
+    return Path(os.environ.get("LAYALIGN_DATA", Path(__file__).resolve().parents[2] / "data"))
 
 
 def held_out_lines(count: int) -> range:

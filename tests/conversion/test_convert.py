@@ -1,4 +1,4 @@
-"""`modeling_layalign.convert`: checkpoints in the reference code's layout become LayAlign-only checkpoints.
+"""`modeling_layalign.conversion.convert`: checkpoints in the reference code's layout become LayAlign-only checkpoints.
 
 The reference checkpoints are written here the way the reference code writes them (see the module docstring of
 `convert.py`): the whole `LayAlign` module pickled, bases included, in half precision, or MindMerger's bare mapping
@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
-from modeling_layalign.convert import convert_reference_checkpoint, main
+from modeling_layalign.conversion.convert import convert_reference_checkpoint, main
 
-from .conftest import with_trained_layalign_weights
-from .test_modeling_layalign_checkpoints import logits, sample_inputs, save_base
+from ..conftest import with_trained_layalign_weights
+from ..test_modeling_layalign_checkpoints import logits, sample_inputs, save_base
 
 
 def source_model(tmp_path: Path, encoder: str | None = None, llm: str | None = None, **config_kwargs):

@@ -1,0 +1,89 @@
+"""The CPU wall-clock table of issue 29 in one command: decoding, prefill and a training step, each against its
+baseline measured in the same process, run back to back.
+
+    python benchmarks/bench_wall_clock.py --preset demo --threads 2 --runs 2
+
+Shapes are the preset's (`demo`: e5-small + SmolLM2-135M, float32, every LLM layer adapted, gates at 0.1 so the
+fused branch is computed; 48 encoder + 64 prompt tokens and 32 new tokens, greedy; a training step of 8 examples
+of 48 + 48 tokens). Decoding and prefill compare LayAlign with the LLM alone reading a prompt as long as LayAlign's
+whole sequence (`bench_generate.py`); the training step compares LayAlign with MindMerger mode (`bench_train.py`).
+A decoding ratio is LayAlign's tokens per second over the LLM's (higher is better); a prefill or step ratio is
+LayAlign's time over the baseline's (lower is better).
+"""
+
+import torch
+
+from modeling_layalign.evaluation.cli_arguments import positive_int
+
+import bench_generate
+import bench_train
+from common import argument_parser, build_models, describe_device, print_table, write_json
+
+
+# The issue's targets, for the `demo` preset. Row -> (target, whether LayAlign's ratio must reach it from above
+# (decoding speed) or stay below it (time)).
+DEMO_TARGETS = {
+    "decoding, batch 1, LayAlign / LLM alone": (0.95, "at least"),
+    "decoding, batch 8, LayAlign / LLM alone": (0.95, "at least"),
+    "prefill, batch 1, LayAlign / LLM alone": (1.15, "at most"),
+    "prefill, batch 8, LayAlign / LLM alone": (1.15, "at most"),
+    "training step, batch 8, LayAlign / MindMerger mode": (1.15, "at most"),
+}
+
+
+def one_run(models, repeats: int) -> dict[str, float]:
+    """The five ratios of the table, measured once."""
+    preset = models.preset
+    ratios = {}
+    for batch in (1, 8):
+        measured = bench_generate.measure(models, batch, repeats)
+        layalign, llm = measured["LayAlign"], measured["LLM alone"]
+        ratios[f"decoding, batch {batch}, LayAlign / LLM alone"] = (
+            layalign["decode_tokens_per_second"] / llm["decode_tokens_per_second"]
+        )
+        ratios[f"prefill, batch {batch}, LayAlign / LLM alone"] = layalign["prefill_seconds"] / llm["prefill_seconds"]
+    step = bench_train.measure_stage(models, preset.stage1_text_len, 0, repeats)
+    ratios[f"training step, batch {preset.train_batch}, LayAlign / MindMerger mode"] = (
+        step["LayAlign"]["seconds"] / step["MindMerger mode"]["seconds"]
+    )
+    return ratios
+
+
+def meets(ratio: float, target: float, direction: str) -> bool:
+    return ratio >= target if direction == "at least" else ratio <= target
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argument_parser(__doc__, repeats=3)
+    parser.add_argument("--threads", type=positive_int, default=2, help="CPU threads for every contender.")
+    parser.add_argument("--runs", type=positive_int, default=2, help="Runs of the whole table, back to back.")
+    args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        models = build_models(args.preset)
+        device = describe_device(models.preset.device)
+        runs = [one_run(models, args.repeats) for _ in range(args.runs)]
+    finally:
+        torch.set_num_threads(threads)
+    targets = DEMO_TARGETS if args.preset == "demo" else {}
+    rows = []
+    for name in runs[0]:
+        ratios = [run[name] for run in runs]
+        row = [name, *(f"{ratio:.2f}x" for ratio in ratios), "", ""]
+        if name in targets:
+            target, direction = targets[name]
+            row[-2:] = [f"{direction} {target:.2f}x", "met" if all(meets(r, target, direction) for r in ratios) else "not met"]
+        rows.append(row)
+    print_table(
+        f"Wall clock, preset {args.preset} ({device}, median of {args.repeats} per run)",
+        ["", *(f"run {index + 1}" for index in range(args.runs)), "target", ""],
+        rows,
+    )
+    results = {"preset": args.preset, "device": device, "threads": args.threads, "runs": runs}
+    write_json(results, args.json)
+    return results
+
+
+if __name__ == "__main__":
+    main()
