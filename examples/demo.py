@@ -21,6 +21,14 @@ import sacrebleu
 import torch
 from layalign_demo import prepare_demo_models
 from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
+from modeling_layalign.evaluation.ladder import answer_ladder, llm_rungs, load_mgsm_with_answers
+from modeling_layalign.evaluation.scoring import (
+    alignment_scores,
+    is_correct_number,
+    layalign_generate,
+    llm_generate,
+    llm_target_loss,
+)
 from modeling_layalign.training.data import (
     LANGUAGE_NAMES,
     MATH_PROMPT,
@@ -29,14 +37,6 @@ from modeling_layalign.training.data import (
     load_mgsm,
     load_translation_pairs,
 )
-from modeling_layalign.evaluation.scoring import (
-    alignment_scores,
-    is_correct_number,
-    layalign_generate,
-    llm_generate,
-    llm_target_loss,
-)
-from modeling_layalign.evaluation.ladder import answer_ladder, llm_rungs, load_mgsm_with_answers
 from modeling_layalign.training.monitoring import mapping_statistics
 
 import train_layalign

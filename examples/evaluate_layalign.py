@@ -18,8 +18,8 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 
 from modeling_layalign.evaluation.cli_arguments import positive_int
-from modeling_layalign.training.data import default_data_dir
 from modeling_layalign.evaluation.paper_benchmarks import BENCHMARKS, MGSM_DEFAULT_LANGUAGES, paper_table, run_benchmark, score
+from modeling_layalign.training.data import default_data_dir
 
 
 # `GenerationConfig` settings that count something: at least 1 (transformers fails late, or deep inside, on others).

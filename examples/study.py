@@ -27,9 +27,9 @@ from layalign_demo import ENCODER_TEXT_PREFIX, prepare_demo_models
 from transformers import AutoTokenizer, TrainerCallback
 
 from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
-from modeling_layalign.training.data import MATH_PROMPT, held_out_lines, load_translation_pairs
-from modeling_layalign.evaluation.scoring import alignment_scores, layalign_target_loss
 from modeling_layalign.evaluation.ladder import LADDER_LANGUAGES, answer_ladder, llm_rungs, load_mgsm_with_answers
+from modeling_layalign.evaluation.scoring import alignment_scores, layalign_target_loss
+from modeling_layalign.training.data import MATH_PROMPT, held_out_lines, load_translation_pairs
 from modeling_layalign.training.monitoring import mapping_statistics
 
 import train_layalign

@@ -185,6 +185,28 @@ def quantization_config(method: str | None, dtype: torch.dtype):
         raise SystemExit(f"`--quantize {method}` needs {error.name}: `pip install {error.name}`.") from error
 
 
+# Flags that decide the architecture: `--init_from` keeps its checkpoint's, so one that asks for another is refused.
+ARCHITECTURE_FLAGS = ("fused_encoder_layers", "adapted_llm_layers", "fusion_structure", "use_layer_fusion", "use_input_mapping")
+
+
+def apply_flags_to_checkpoint(model: LayAlignForCausalLM, model_args: ModelArguments) -> None:
+    """The model flags that still mean something for a model loaded by `--init_from`: `--train_llm True` makes the
+    LLM train from here on (and the checkpoints hold it in full); an architecture flag must agree with the
+    checkpoint (both were silently ignored before)."""
+    defaults = {flag.name: flag.default for flag in dataclasses.fields(ModelArguments)}
+    for name in ARCHITECTURE_FLAGS:
+        asked, built = getattr(model_args, name), getattr(model.config, name)
+        if asked != defaults[name] and asked != built:
+            raise SystemExit(
+                f"`--{name} {asked}` asks for another architecture than the checkpoint of `--init_from` "
+                f"{model_args.init_from} has ({name} = {built}): a checkpoint keeps its architecture; drop the flag, "
+                "or start from the bases (`--encoder`, `--llm`)."
+            )
+    if model_args.train_llm and not model.config.train_llm:
+        model.config.train_llm = True
+        model.apply_trainable_parts()
+
+
 def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[LayAlignForCausalLM, LayAlignProcessor]:
     dtype = getattr(torch, model_args.dtype)
     quantization = quantization_config(model_args.quantize, dtype)
@@ -199,6 +221,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[L
                 "folder, from a LoRA run over a quantized LLM): pass `--lora_r` to go on training it (it keeps its "
                 "own rank), or start from the checkpoint that run started from."
             )
+        apply_flags_to_checkpoint(model, model_args)
         processor = LayAlignProcessor.from_pretrained(model_args.init_from)
         processor.prompt_template = data_args.prompt_template
         processor.max_source_length = data_args.max_source_length

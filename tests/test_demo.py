@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
-from modeling_layalign.training.data import MATH_PROMPT
-from modeling_layalign.evaluation.scoring import layalign_target_loss, llm_target_loss
 from modeling_layalign.evaluation.ladder import load_mgsm_with_answers
+from modeling_layalign.evaluation.scoring import layalign_target_loss, llm_target_loss
+from modeling_layalign.training.data import MATH_PROMPT
 
 
 

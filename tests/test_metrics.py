@@ -4,8 +4,8 @@ scoring functions of `modeling_layalign.evaluation.scoring` do."""
 import pytest
 import sacrebleu
 
-from modeling_layalign.evaluation.scoring import METRICS_DIR, load_metric
 from modeling_layalign.evaluation.paper_benchmarks import BENCHMARKS
+from modeling_layalign.evaluation.scoring import METRICS_DIR, load_metric
 
 
 evaluate = pytest.importorskip("evaluate")

@@ -316,3 +316,21 @@ def test_a_bad_train_file_is_named_with_its_line(tiny_base_folders, tmp_path, co
     train_file.write_bytes(content)
     with pytest.raises(ValueError, match=rf"train.jsonl,? {message}"):
         train_layalign.main(arguments(tiny_base_folders, tmp_path / "out", "--train_file", str(train_file)))
+
+
+def test_a_stage_started_from_a_checkpoint_trains_the_llm_on_request_and_keeps_its_architecture(tiny_base_folders, tmp_path):
+    train_layalign.main(arguments(tiny_base_folders, tmp_path / "stage1", "--stage", "1", "--max_steps", "1"))
+    recorder = TrainableNames()
+    train_layalign.main(
+        arguments(tiny_base_folders, tmp_path / "stage2", "--stage", "2", "--init_from", str(tmp_path / "stage1"),
+                  "--max_steps", "1", "--train_llm", "True"),
+        callbacks=[recorder],
+    )  # fmt: skip
+    assert any(name.startswith("llm.") for name in recorder.names)  # ignored before: the LLM stayed frozen
+    reloaded = LayAlignForCausalLM.from_pretrained(tmp_path / "stage2")
+    assert reloaded.config.train_llm and "llm" in reloaded.config.modified_bases
+    with pytest.raises(SystemExit, match=r"`--use_layer_fusion False` asks for another architecture than .* \(use_layer_fusion = True\)"):
+        train_layalign.main(
+            arguments(tiny_base_folders, tmp_path / "other", "--stage", "2", "--init_from", str(tmp_path / "stage1"),
+                      "--use_layer_fusion", "False"),
+        )  # fmt: skip

@@ -1,6 +1,6 @@
 """Choice accuracy: a local `evaluate` metric, read offline with `evaluate.load("metrics/choice_accuracy")`."""
 
-from modeling_layalign import accuracy_metric
+from modeling_layalign.evaluation import accuracy_metric
 from modeling_layalign.evaluation.scoring import is_correct_choice
 
 

@@ -5,7 +5,7 @@ import datasets
 import evaluate
 import sacrebleu
 
-from modeling_layalign import accuracy_metric
+from modeling_layalign.evaluation import accuracy_metric
 
 
 _DESCRIPTION = "Character n-gram F-score (Popovic, 2015) of the predictions against one reference each, as sacrebleu computes it."

@@ -5,9 +5,9 @@ import json
 import pytest
 from datasets import Dataset
 
-from modeling_layalign.training.data import MATH_PROMPT, default_data_dir
-from modeling_layalign.evaluation.scoring import layalign_target_loss, llm_target_loss
 from modeling_layalign.evaluation.ladder import LadderRung, answer_ladder, llm_rungs, load_mgsm_with_answers
+from modeling_layalign.evaluation.scoring import layalign_target_loss, llm_target_loss
+from modeling_layalign.training.data import MATH_PROMPT, default_data_dir
 
 from .test_scoring import SOURCES, model_and_processor  # noqa: F401 (a fixture)
 

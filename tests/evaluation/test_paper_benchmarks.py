@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from modeling_layalign.training.data import default_data_dir
 from modeling_layalign.evaluation.paper_benchmarks import BENCHMARKS, paper_table, score
+from modeling_layalign.training.data import default_data_dir
 
 
 def write_xcsqa(root: Path) -> None:
