@@ -35,9 +35,10 @@ class LayAlignGenerationMixin(GenerationMixin):
 
         The encoder and the fusion run here, once per call; their results go to the stock `generate` as batch-first
         tensors, which it repeats for beams / samples / `num_return_sequences`. The first pass reads them (each
-        adapted layer projecting its fused keys and values into the cache) and later steps read the cache. `input_ids` (the prompt, left-padded in batches)
-        may be omitted to generate right after the boundary, as in stage-1 translation. The returned sequences are
-        `input_ids` followed by the new tokens, decodable with the LLM's tokenizer.
+        adapted layer projecting its fused keys and values into the cache) and later steps read the cache.
+        `input_ids` (the prompt, left-padded in batches) may be omitted to generate right after the boundary, as in
+        stage-1 translation. The returned sequences are `input_ids` followed by the new tokens, decodable with the
+        LLM's tokenizer.
 
         To continue a generation (a chat's next turn), pass its `sequences`, extended or not, as `input_ids` with the
         `past_key_values` it returned as `cache` and the same encoder inputs: the result is the one continuous
@@ -45,31 +46,9 @@ class LayAlignGenerationMixin(GenerationMixin):
         """
         if encoder_input_ids is None:
             raise ValueError("`encoder_input_ids` is required: LayAlign generates from the source text it encodes.")
-        self._refuse_draft_models(kwargs)
-        # (Checked once here on every device: the passes check only on the CPU, where reading the ids is free.)
-        vocab_sizes = {"input_ids": (self.llm, "the LLM"), "encoder_input_ids": (self.encoder, "the encoder")}
-        for name, ids in (("input_ids", input_ids), ("encoder_input_ids", encoder_input_ids)):
-            if isinstance(ids, torch.Tensor):
-                base, owner = vocab_sizes[name]
-                check_token_range(name, ids, base.get_input_embeddings().num_embeddings, owner, always=True)
-        if given := [name for name in ("mapped_encoder_embeds", "fused_states") if kwargs.get(name) is not None]:
-            raise ValueError(
-                f"`generate` encodes `encoder_input_ids` itself; {', '.join(f'`{name}`' for name in given)} would be a "
-                "second source of the same states: pass `encoder_input_ids` (and `encoder_attention_mask`) only."
-            )
+        self._check_generation_inputs(input_ids, attention_mask, encoder_input_ids, kwargs)
         with torch.no_grad():
             encoded = self.encode(encoder_input_ids, encoder_attention_mask)
-        if (cache := kwargs.get("cache", kwargs.get("past_key_values"))) is not None:
-            text = attention_mask if attention_mask is not None else input_ids
-            check_cache_to_continue(
-                cache,
-                batch_size=encoder_input_ids.shape[0],
-                text_len=0 if text is None else text.shape[1],
-                num_prefix_positions=self.num_prefix_positions(encoder_input_ids.shape[1]),
-                num_llm_layers=self.config.text_config.num_hidden_layers,
-                num_adapted_layers=len(self.config.adapted_llm_layers) if self.config.use_layer_fusion else 0,
-                encoder_len=encoder_input_ids.shape[1],
-            )
         if input_ids is None and "inputs_embeds" not in kwargs:
             # An empty prompt: generation starts right after the boundary. Handed over as zero-length embeddings,
             # the one empty input `generate` accepts.
@@ -85,10 +64,27 @@ class LayAlignGenerationMixin(GenerationMixin):
             input_ids=input_ids, attention_mask=attention_mask, encoder_attention_mask=encoded.attention_mask, **kwargs
         )
 
-    def _refuse_draft_models(self, kwargs: dict) -> None:
-        """Assisted decoding drafts with another model (`assistant_model`) or with the LLM's first layers
-        (`assistant_early_exit`); neither reads the source, so neither can draft for LayAlign. Prompt lookup drafts
-        from the text and works."""
+    def _check_generation_inputs(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        encoder_input_ids: torch.LongTensor,
+        kwargs: dict,
+    ) -> None:
+        """Refuses, before any pass, what `generate` cannot honour.
+
+        - Two sources of the encoder's states: `mapped_encoder_embeds` / `fused_states` next to `encoder_input_ids`.
+        - A draft model: assisted decoding drafts with another model (`assistant_model`) or with the LLM's first layers
+          (`assistant_early_exit`); neither reads the source. (Prompt lookup drafts from the text and works.)
+        - Token ids outside either embedding table (checked here on every device; the passes check only on the CPU,
+          where reading the ids is free).
+        - A cache that cannot hold this call's past (see `cache_layalign.check_cache_to_continue`).
+        """
+        if given := [name for name in ("mapped_encoder_embeds", "fused_states") if kwargs.get(name) is not None]:
+            raise ValueError(
+                f"`generate` encodes `encoder_input_ids` itself; {', '.join(f'`{name}`' for name in given)} would be a "
+                "second source of the same states: pass `encoder_input_ids` (and `encoder_attention_mask`) only."
+            )
         config = kwargs.get("generation_config") or self.generation_config
         early_exit = kwargs.get("assistant_early_exit", getattr(config, "assistant_early_exit", None))
         for name, value in (("assistant_model", kwargs.get("assistant_model")), ("assistant_early_exit", early_exit)):
@@ -97,6 +93,24 @@ class LayAlignGenerationMixin(GenerationMixin):
                     f"`{name}` cannot draft for LayAlign: the draft would not read the source. Leave it unset; "
                     "`prompt_lookup_num_tokens` (drafts copied from the prompt) speeds up LayAlign's decoding."
                 )
+        for name, ids, base, owner in (
+            ("input_ids", input_ids, self.llm, "the LLM"),
+            ("encoder_input_ids", encoder_input_ids, self.encoder, "the encoder"),
+        ):
+            if isinstance(ids, torch.Tensor):
+                check_token_range(name, ids, base.get_input_embeddings().num_embeddings, owner, always=True)
+        if (cache := kwargs.get("cache", kwargs.get("past_key_values"))) is not None:
+            text = attention_mask if attention_mask is not None else input_ids
+            encoder_len = encoder_input_ids.shape[1]
+            check_cache_to_continue(
+                cache,
+                batch_size=encoder_input_ids.shape[0],
+                text_len=0 if text is None else text.shape[1],
+                num_prefix_positions=self.num_prefix_positions(encoder_len),
+                num_llm_layers=self.config.text_config.num_hidden_layers,
+                num_adapted_layers=len(self.config.adapted_llm_layers) if self.config.use_layer_fusion else 0,
+                encoder_len=encoder_len,
+            )
 
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
