@@ -8,7 +8,9 @@ fused branch is computed; 48 encoder + 64 prompt tokens and 32 new tokens, greed
 of 48 + 48 tokens). Decoding and prefill compare LayAlign with the LLM alone reading a prompt as long as LayAlign's
 whole sequence (`bench_generate.py`); the training step compares LayAlign with MindMerger mode (`bench_train.py`).
 A decoding ratio is LayAlign's tokens per second over the LLM's (higher is better); a prefill or step ratio is
-LayAlign's time over the baseline's (lower is better).
+LayAlign's time over the baseline's (lower is better). The `arithmetic` column is each ratio as it would be if time
+followed the multiply-adds each contender computes: a target beyond it cannot be reached by removing overhead, only
+by removing arithmetic. `bench_breakdown.py` splits each difference into LayAlign's parts.
 """
 
 import torch
@@ -17,7 +19,8 @@ from modeling_layalign.evaluation.cli_arguments import positive_int
 
 import bench_generate
 import bench_train
-from common import argument_parser, build_models, describe_device, print_table, write_json
+from bench_breakdown import multiply_adds, without_gradients
+from common import argument_parser, autocast_for, build_models, describe_device, print_table, training_batch, write_json
 
 
 # The issue's targets, for the `demo` preset. Row -> (target, whether LayAlign's ratio must reach it from above
@@ -49,6 +52,38 @@ def one_run(models, repeats: int) -> dict[str, float]:
     return ratios
 
 
+def arithmetic_ratios(models) -> dict[str, float]:
+    """Each ratio of the table as it would be if time followed multiply-adds (`FlopCounterMode`'s count of matrix
+    products and attention): what the method's arithmetic alone allows at these shapes."""
+    preset = models.preset
+    settings = bench_generate.generation_settings(models.layalign.config.text_config, static_cache=False)
+    generators = {"LayAlign": models.layalign, "LLM alone": models.llm}
+    ratios = {}
+    with without_gradients(models.layalign):
+        for batch in (1, 8):
+            inputs = bench_generate.generation_inputs(models, batch)
+            macs = {
+                (name, tokens): multiply_adds(lambda: bench_generate.generate(model, inputs[name], tokens, settings))
+                for name, model in generators.items()
+                for tokens in (1, preset.new_tokens)
+            }
+            decoding = {name: macs[name, preset.new_tokens] - macs[name, 1] for name in generators}
+            ratios[f"decoding, batch {batch}, LayAlign / LLM alone"] = decoding["LLM alone"] / decoding["LayAlign"]
+            ratios[f"prefill, batch {batch}, LayAlign / LLM alone"] = macs["LayAlign", 1] / macs["LLM alone", 1]
+    batch = training_batch(models.layalign.config, preset.train_batch, preset.encoder_len, preset.stage1_text_len, preset.device)
+    autocast = autocast_for(preset.device, preset.dtype)
+    steps = {}
+    for name, model in (("LayAlign", models.layalign), ("MindMerger mode", models.mindmerger)):
+        model.train()
+        optimizer = torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad])
+        steps[name] = multiply_adds(lambda: bench_train.layalign_step(model, batch, optimizer, autocast))
+        model.eval()
+    ratios[f"training step, batch {preset.train_batch}, LayAlign / MindMerger mode"] = (
+        steps["LayAlign"] / steps["MindMerger mode"]
+    )
+    return ratios
+
+
 def meets(ratio: float, target: float, direction: str) -> bool:
     return ratio >= target if direction == "at least" else ratio <= target
 
@@ -64,23 +99,24 @@ def main(argv: list[str] | None = None) -> dict:
         models = build_models(args.preset)
         device = describe_device(models.preset.device)
         runs = [one_run(models, args.repeats) for _ in range(args.runs)]
+        arithmetic = arithmetic_ratios(models)
     finally:
         torch.set_num_threads(threads)
     targets = DEMO_TARGETS if args.preset == "demo" else {}
     rows = []
     for name in runs[0]:
         ratios = [run[name] for run in runs]
-        row = [name, *(f"{ratio:.2f}x" for ratio in ratios), "", ""]
+        row = [name, *(f"{ratio:.2f}x" for ratio in ratios), f"{arithmetic[name]:.2f}x", "", ""]
         if name in targets:
             target, direction = targets[name]
             row[-2:] = [f"{direction} {target:.2f}x", "met" if all(meets(r, target, direction) for r in ratios) else "not met"]
         rows.append(row)
     print_table(
         f"Wall clock, preset {args.preset} ({device}, median of {args.repeats} per run)",
-        ["", *(f"run {index + 1}" for index in range(args.runs)), "target", ""],
+        ["", *(f"run {index + 1}" for index in range(args.runs)), "arithmetic", "target", ""],
         rows,
     )
-    results = {"preset": args.preset, "device": device, "threads": args.threads, "runs": runs}
+    results = {"preset": args.preset, "device": device, "threads": args.threads, "runs": runs, "arithmetic": arithmetic}
     write_json(results, args.json)
     return results
 

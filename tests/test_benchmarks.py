@@ -108,6 +108,26 @@ def test_wall_clock_benchmark_prints_each_ratio_of_every_run(benchmark_module, c
     assert len(results["runs"]) == 2 and results["threads"] == 1
     for name, ratio in results["runs"][0].items():
         assert ratio > 0
-        assert printed_rows(printed, name)[0][1:3] == [f"{ratio:.2f}x", f"{results['runs'][1][name]:.2f}x"]
+        arithmetic = results["arithmetic"][name]
+        assert printed_rows(printed, name)[0][1:4] == [f"{ratio:.2f}x", f"{results['runs'][1][name]:.2f}x", f"{arithmetic:.2f}x"]
+        # LayAlign computes more than its baseline in every row: fewer tokens per second, more time.
+        assert arithmetic < 1 if name.startswith("decoding") else arithmetic > 1
     assert list(results["runs"][0])[-1] == "training step, batch 4, LayAlign / MindMerger mode"
     assert benchmark_module("bench_wall_clock").meets(0.96, 0.95, "at least") and not benchmark_module("bench_wall_clock").meets(1.2, 1.15, "at most")
+
+
+def test_breakdown_parts_account_for_all_of_layalign_extra_arithmetic(benchmark_module, capsys):
+    results = benchmark_module("bench_breakdown").main(["--preset", "tiny", "--repeats", "1", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert list(results) == ["prefill, batch 1", "prefill, batch 4", "training step"]
+    other = benchmark_module("bench_breakdown").OTHER
+    for key, result in results.items():
+        baseline, whole = list(result)[:2]
+        parts = [name for name in list(result)[2:] if name != other]
+        assert "fused attention" in parts and "fusion (layer mix, projection)" in parts
+        # Every multiply-add LayAlign adds is in one of the parts, and each part adds some (the gate is elementwise).
+        assert result[other]["multiply_adds"] == 0
+        assert result[whole]["multiply_adds"] > result[baseline]["multiply_adds"]
+        assert all(result[part]["multiply_adds"] > 0 for part in parts if part != "gate and padding scale")
+        assert all(entry["seconds"] > 0 for name, entry in result.items() if name != other)
+        assert printed_rows(printed, f"+ {other}")

