@@ -8,7 +8,8 @@ OpenAI-compatible server serve it. With `VLLM_PLUGINS=layalign` the server also 
 In the serving environment (`bash scripts/install_vllm.sh` makes `.venv-vllm`):
 
     from vllm import LLM, SamplingParams
-    llm = LLM(model="path/to/checkpoint")  # saved with checkpoint_format="full"
+    llm = LLM(model="path/to/checkpoint")  # full, or LayAlign-only with its bases where config.json names them
+    llm = LLM(model="checkpoints/demo-stage2", hf_overrides={"encoder_name_or_path": ..., "llm_name_or_path": ...})
     llm.generate({"prompt": "...", "multi_modal_data": {"source": "..."}}, SamplingParams(max_tokens=64))
 
     VLLM_PLUGINS=layalign .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model path/to/checkpoint
@@ -24,12 +25,13 @@ ARCHITECTURE = "LayAlignForCausalLM"
 
 
 def register() -> None:
-    """Registers the LayAlign config with transformers and the model with vLLM. Idempotent (vLLM calls it once per
-    process, tests may call it again)."""
+    """Registers the LayAlign config with transformers and the model with vLLM, and hooks the checks of
+    `configuration.prepare_model_config` and `processing.refuse_requests_without_source` into vLLM. Idempotent (vLLM
+    calls it once per process, tests may call it again)."""
     from transformers import AutoConfig
     from vllm import ModelRegistry
 
-    from .configuration import LayAlignVllmConfig
+    from .configuration import LayAlignVllmConfig, prepare_model_configs
     from .processing import refuse_requests_without_source
 
     # config.json says model_type "layalign" and maps it to our remote code, which does not import under
@@ -38,4 +40,5 @@ def register() -> None:
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         # A "module:Class" string: vLLM imports the model code only when it builds the model.
         ModelRegistry.register_model(ARCHITECTURE, "layalign_vllm.modeling:LayAlignForConditionalGeneration")
+    prepare_model_configs()
     refuse_requests_without_source()

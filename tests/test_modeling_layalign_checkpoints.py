@@ -408,7 +408,10 @@ def test_remote_code_loads_without_the_package(tmp_path, checkpoint_format):
         text=True,
     )
     remote = torch.load(tmp_path / "logits.pt", weights_only=True)
-    assert (remote - logits(model, inputs)).abs().max().item() == 0.0
+    # Same weights and code in another process: equal up to the last bits, which the CPU's matrix kernels may round
+    # differently from one process to another under load (4e-8 seen on an AVX2 machine); a weight that did not load
+    # moves the logits by orders of magnitude more.
+    torch.testing.assert_close(remote, logits(model, inputs), rtol=0, atol=1e-6)
 
 
 class FakeHub:

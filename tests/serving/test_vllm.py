@@ -3,7 +3,11 @@
 Checkpoints and reference tokens are built here, in the project's environment; vLLM runs in the serving environment
 (`bash scripts/install_vllm.sh`; the interpreter in `LAYALIGN_VLLM_PYTHON`, default `.venv-vllm/bin/python`) through
 `vllm_runner.py` for the offline checks and `python -m vllm.entrypoints.openai.api_server` for the server, so vLLM
-starts four engines in all (about 2.5 minutes on a 2-core CPU). Skipped where the serving environment is missing.
+starts six engines in all (about 4 minutes on a 2-core CPU). Skipped where the serving environment is missing; the
+demo checks, where the demo models' pip packages are (`layalign_demo.prepare_demo_models`).
+
+Full and LayAlign-only checkpoints are both served: the tiny MindMerger one is LayAlign-only, its bases moved after
+saving and given back through `hf_overrides`; so is the shipped `checkpoints/demo-stage2` on the real demo models.
 
 The models are tiny but real enough for vLLM's CPU attention (head size 32, GQA), with every LayAlign weight off its
 initial value, so that a wrong mapping, boundary, fused branch or gate changes the tokens (checked by hand: with the
@@ -24,6 +28,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, MT5Config, Qwen2Config, XLMRobertaConfig
 
+from layalign_demo import MissingDemoPackageError, prepare_demo_models
 from modeling_layalign import LayAlignConfig, LayAlignForCausalLM, LayAlignProcessor
 from tests.conftest import free_port, random_ids, train_tiny_tokenizer
 
@@ -36,6 +41,10 @@ MAX_NEW = 12
 LENGTHS = ((5, 3), (11, 7), (2, 12))
 QUESTION = "Weng earns $12 an hour for babysitting. How much did she earn?"
 TEMPLATE = "Question: {query} Answer:"
+DEMO_CHECKPOINT = REPO / "checkpoints" / "demo-stage2"
+DEMO_NEW = 16
+# The first MGSM question in three languages: the source and (through the checkpoint's template) the prompt.
+DEMO_LANGUAGES = ("de", "sw", "zh")
 
 pytestmark = pytest.mark.skipif(
     not SERVING_PYTHON.is_file(),
@@ -68,9 +77,11 @@ XLMR = dict(vocab_size=ENCODER_VOCAB, hidden_size=64, num_hidden_layers=2, num_a
 
 
 def build_checkpoint(
-    folder: Path, llm: str, encoder_config, with_processor: bool, **config_kwargs
+    folder: Path, llm: str, encoder_config, with_processor: bool, bases: Path | None = None, **config_kwargs
 ) -> LayAlignForCausalLM:
-    """Saves a full tiny checkpoint with the LLM tokenizer (and the encoder tokenizer and a prompt template)."""
+    """Saves a full tiny checkpoint with the LLM tokenizer (and the encoder tokenizer and a prompt template); with
+    `bases`, a LayAlign-only one whose encoder and LLM (the LLM with its tokenizer) are saved in `bases/encoder` and
+    `bases/llm`, which its config names."""
     torch.manual_seed(0)
     config = LayAlignConfig(encoder_config=encoder_config, text_config=LLM_CONFIGS[llm](), **config_kwargs)
     model = LayAlignForCausalLM(config).eval()
@@ -86,8 +97,15 @@ def build_checkpoint(
                     parameter.normal_(std=0.3)
         if model.gates is not None:
             model.gates.weight.copy_(torch.linspace(0.5, 1.5, model.gates.weight.numel()))
-    model.save_pretrained(folder, checkpoint_format="full")
     llm_tokenizer = train_tiny_tokenizer(LLM_VOCAB, ["<pad>", "<s>", "</s>", "<unk>"], "<s>", "</s>", wrap=False)
+    if bases is not None:
+        model.encoder.save_pretrained(bases / "encoder")
+        model.llm.save_pretrained(bases / "llm")
+        llm_tokenizer.save_pretrained(bases / "llm")
+        model.config.encoder_name_or_path, model.config.llm_name_or_path = str(bases / "encoder"), str(bases / "llm")
+        model.save_pretrained(folder, checkpoint_format="layalign_only")
+        return model
+    model.save_pretrained(folder, checkpoint_format="full")
     if with_processor:
         encoder_tokenizer = train_tiny_tokenizer(ENCODER_VOCAB, ["<pad>", "</s>", "<unk>"], None, "</s>", wrap=True)
         processor = LayAlignProcessor(llm_tokenizer, encoder_tokenizer, prompt_template=TEMPLATE, max_source_length=64)
@@ -109,15 +127,17 @@ def greedy(model: LayAlignForCausalLM, source: list[int], prompt: list[int]) -> 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:
     """Three checkpoints, their requests and `generate`'s greedy tokens: `layalign` (Llama, mT5 encoder, "mlp"
-    fusion, adapted LLM layers 0 and 2, with processor), `mindmerger` (Llama, XLM-R encoder, no layer fusion) and
+    fusion, adapted LLM layers 0 and 2, with processor), `mindmerger` (Llama, XLM-R encoder, no layer fusion,
+    LayAlign-only: its bases saved in `bases-saved/`, then moved to `bases/` and given through `hf_overrides`) and
     `qwen2` (Qwen2, XLM-R encoder, every layer adapted)."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("vllm")
     generator = torch.Generator().manual_seed(7)
     specs = {}
+    saved_bases = root / "bases-saved"
     for name, llm, encoder_config, with_processor, kwargs in (
         ("layalign", "llama", MT5Config(**MT5), True, dict(fusion_structure="mlp", adapted_llm_layers=[0, 2])),
-        ("mindmerger", "llama", XLMRobertaConfig(**XLMR), False, dict(use_layer_fusion=False)),
+        ("mindmerger", "llama", XLMRobertaConfig(**XLMR), False, dict(use_layer_fusion=False, bases=saved_bases)),
         ("qwen2", "qwen2", XLMRobertaConfig(**XLMR), False, {}),
     ):  # fmt: skip
         model = build_checkpoint(root / name, llm, encoder_config, with_processor, **kwargs)
@@ -139,14 +159,91 @@ def checkpoints(tmp_path_factory) -> dict:
             text = processor.decode(tokens, skip_special_tokens=True)
             specs[name]["question_reference"] = {"tokens": tokens, "text": text}
     specs["layalign"].update(sampling=True, no_source=True)
+    saved_bases.rename(root / "bases")  # where config.json names them no longer holds them
+    moved = root / "bases"
+    overrides = {"encoder_name_or_path": str(moved / "encoder"), "llm_name_or_path": str(moved / "llm")}
+    specs["mindmerger"].update(engine_args={"hf_overrides": overrides}, base_errors=True)
+    return specs
+
+
+def demo_question(language: str) -> str:
+    return (REPO / "data" / "mgsm" / f"mgsm_{language}.tsv").read_text().splitlines()[0].split("\t")[0]
+
+
+def greedy_with_margins(model: LayAlignForCausalLM, batch: dict) -> tuple[list[int], list[float]]:
+    """`generate`'s greedy tokens for one unpadded request, and per step the log-probability margin between the
+    chosen token and the runner-up (how close a step is to a tie)."""
+    with torch.no_grad():
+        out = model.generate(
+            **batch, max_new_tokens=DEMO_NEW, min_new_tokens=DEMO_NEW, do_sample=False, output_logits=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+    margins = []
+    for logits in out.logits:
+        top = torch.log_softmax(logits[0].double(), -1).topk(2).values
+        margins.append((top[0] - top[1]).item())
+    return out.sequences[0, batch["input_ids"].shape[1] :].tolist(), margins
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoints(tmp_path_factory) -> dict:
+    """The shipped `checkpoints/demo-stage2` (LayAlign-only, trained on the demo models) with three MGSM questions
+    as text, and a MindMerger checkpoint of the demo models with random LayAlign weights (LayAlign-only, saved
+    here) with the same questions as token ids; both with `generate`'s greedy tokens and margins. Empty where the
+    demo models' pip packages are missing."""
+    try:
+        encoder_dir, llm_dir = prepare_demo_models()
+    except MissingDemoPackageError:
+        return {}
+    torch.set_num_threads(1)
+    overrides = {"encoder_name_or_path": str(encoder_dir), "llm_name_or_path": str(llm_dir)}
+    engine_args = {"hf_overrides": overrides, "max_model_len": 512, "max_num_batched_tokens": 512}
+    questions = [demo_question(language) for language in DEMO_LANGUAGES]
+    specs = {}
+
+    model = LayAlignForCausalLM.from_pretrained(DEMO_CHECKPOINT, **overrides).eval()
+    processor = LayAlignProcessor.from_pretrained(DEMO_CHECKPOINT, **overrides)
+    references = [greedy_with_margins(model, processor([question])) for question in questions]
+    specs["demo_layalign"] = {
+        "model": str(DEMO_CHECKPOINT),
+        "engine_args": engine_args,
+        "max_tokens": DEMO_NEW,
+        "logprobs": 2,
+        "requests": [{"source": q, "prompt": processor.prompt_template.format(query=q)} for q in questions],
+        "reference": [tokens for tokens, _ in references],
+        "margins": [margins for _, margins in references],
+    }
+
+    torch.manual_seed(0)
+    model = LayAlignForCausalLM.from_base_models(encoder_dir, llm_dir, use_layer_fusion=False).eval()
+    folder = tmp_path_factory.mktemp("demo") / "mindmerger"
+    model.save_pretrained(folder)  # LayAlign-only: the bases are named
+    batches = [processor.tokenizer(question, add_special_tokens=False)["input_ids"] for question in questions]
+    sources = [processor.encoder_tokenizer(question)["input_ids"] for question in questions]
+    references = [
+        greedy_with_margins(model, {"input_ids": torch.tensor([p]), "encoder_input_ids": torch.tensor([s])})
+        for s, p in zip(sources, batches)
+    ]
+    specs["demo_mindmerger"] = {
+        "model": str(folder),
+        "engine_args": engine_args,
+        "max_tokens": DEMO_NEW,
+        "logprobs": 2,
+        "requests": [{"source": s, "prompt": p} for s, p in zip(sources, batches)],
+        "reference": [tokens for tokens, _ in references],
+        "margins": [margins for _, margins in references],
+    }
     return specs
 
 
 @pytest.fixture(scope="module")
-def offline_results(checkpoints, tmp_path_factory) -> dict:
-    """`vllm.LLM` on both checkpoints, in one runner process."""
+def offline_results(checkpoints, demo_checkpoints, tmp_path_factory) -> dict:
+    """`vllm.LLM` on every checkpoint, in one runner process."""
     folder = tmp_path_factory.mktemp("runner")
-    runs = {name: {k: v for k, v in spec.items() if "reference" not in k} for name, spec in checkpoints.items()}
+    runs = {
+        name: {k: v for k, v in spec.items() if "reference" not in k and k != "margins"}
+        for name, spec in {**checkpoints, **demo_checkpoints}.items()
+    }
     spec = {"checkpoints": runs}
     (folder / "spec.json").write_text(json.dumps(spec))
     run = subprocess.run(
@@ -164,8 +261,20 @@ def test_greedy_tokens_equal_generate_in_one_batch(checkpoints, offline_results)
 
 
 def test_greedy_tokens_equal_generate_mindmerger_mode(checkpoints, offline_results):
-    """MindMerger mode (no fused attention), XLM-R encoder."""
+    """MindMerger mode (no fused attention), XLM-R encoder; a LayAlign-only checkpoint whose bases come from
+    `hf_overrides` (its tokenizer from the LLM base)."""
     assert offline_results["mindmerger"]["greedy"] == checkpoints["mindmerger"]["reference"]
+
+
+def test_layalign_only_checkpoint_refuses_wrong_bases(offline_results):
+    """The encoder given as the LLM, and bases whose weights differ from the fingerprints: each error names the
+    field to override; the right bases pass."""
+    errors = offline_results["mindmerger_base_errors"]
+    assert "llm_name_or_path" in errors["other_family"] and "model_type" in errors["other_family"]
+    assert "`encoder_name_or_path` has other weights" in errors["encoder_fingerprint"]
+    assert "`llm_name_or_path` has other weights" in errors["llm_fingerprint"]
+    assert "hf_overrides" in errors["llm_fingerprint"]
+    assert errors["right_bases"] is None
 
 
 def test_greedy_tokens_equal_generate_qwen2(checkpoints, offline_results):
@@ -189,7 +298,32 @@ def test_unsupported_checkpoints_are_named(offline_results):
     errors = offline_results["config_errors"]
     assert "LLM family 'gemma2'" in errors["llm_family"] and "'llama'" in errors["llm_family"]
     assert "encoder family 'gpt2'" in errors["encoder_family"] and "mt5" in errors["encoder_family"]
-    assert "checkpoint_format='full'" in errors["layalign_only"]
+    assert "field `encoder_name_or_path`" in errors["missing_base"] and "hf_overrides" in errors["missing_base"]
+
+
+def _first_difference(name: str, spec: dict, results: dict) -> str:
+    """Where vLLM's greedy tokens first leave `generate`'s, with both sides' log-probability margins there."""
+    lines = []
+    for index, (reference, served) in enumerate(zip(spec["reference"], results["greedy"])):
+        step = next((i for i, (a, b) in enumerate(zip(reference, served)) if a != b), None)
+        if step is not None:
+            top = results["logprobs"][index][step]
+            lines.append(
+                f"{name} request {index}, step {step}: generate {reference[step]} (margin over the runner-up "
+                f"{spec['margins'][index][step]:.4f}), vLLM {served[step]} (top-2 {top[:2]})"
+            )
+    return "; ".join(lines)
+
+
+@pytest.mark.parametrize("name", ["demo_layalign", "demo_mindmerger"])
+def test_demo_models_greedy_tokens_equal_generate(name, demo_checkpoints, offline_results):
+    """The real demo models (multilingual-e5-small, SmolLM2-135M-Instruct), float32, three MGSM questions of
+    different lengths in one batch: the shipped LayAlign-only `demo-stage2` (text source and prompt through its
+    processor settings: e5's prefix, the math template) and a MindMerger checkpoint of them (token ids)."""
+    if not demo_checkpoints:
+        pytest.skip("the demo models' pip packages are not installed (see layalign_demo)")
+    spec, results = demo_checkpoints[name], offline_results[name]
+    assert results["greedy"] == spec["reference"], _first_difference(name, spec, results)
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:

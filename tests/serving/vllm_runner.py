@@ -2,19 +2,24 @@
 
     <serving python> tests/serving/vllm_runner.py <spec.json> <results.json>
 
-The spec lists checkpoints, each with its requests and the checks to run; one `vllm.LLM` is started per checkpoint,
-all in this one process (each start costs 20-45 s on a small CPU). The results file holds, per checkpoint, the
-greedy tokens of the requests sent as one batch, seeded samples drawn twice, and the error a request without a
-source gets; plus the plugin's configuration errors. Nothing is compared here: the test compares.
+The spec lists checkpoints, each with its requests, engine settings (`hf_overrides`, `max_model_len`) and the checks
+to run; one `vllm.LLM` is started per checkpoint, all in this one process (each start costs 20-45 s on a small CPU).
+The results file holds, per checkpoint, the greedy tokens of the requests sent as one batch (with the top
+`logprobs` of each step on request), seeded samples drawn twice, and the error a request without a source gets;
+plus the plugin's configuration errors, and for a LayAlign-only checkpoint the errors of wrong bases (all checked
+without starting an engine). Nothing is compared here: the test compares.
 """
 
+import copy
 import gc
 import json
 import sys
 import time
 
+import torch
 from vllm import LLM, SamplingParams
 
+from layalign_vllm.bases import llm_weights, load_encoder_weights
 from layalign_vllm.configuration import LayAlignVllmConfig, check_servable
 
 
@@ -45,14 +50,22 @@ def error_of(call) -> str | None:
 
 def run_checkpoint(spec: dict) -> dict:
     start = time.perf_counter()
-    llm = LLM(model=spec["model"], **ENGINE_ARGS)
+    engine_args = {**ENGINE_ARGS, **spec.get("engine_args", {})}
+    llm = LLM(model=spec["model"], **engine_args)
     result = {"startup_s": time.perf_counter() - start}
     n = spec["max_tokens"]
     prompts = [engine_prompt(request) for request in spec["requests"]]
     start = time.perf_counter()
-    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n), use_tqdm=False)
+    greedy = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n, logprobs=spec.get("logprobs"))
+    outputs = llm.generate(prompts, greedy, use_tqdm=False)
     result["generate_s"] = time.perf_counter() - start
     result["greedy"] = [list(output.outputs[0].token_ids) for output in outputs]
+    if spec.get("logprobs"):  # per request and step: [[token id, logprob], ...], most likely first
+        result["logprobs"] = [
+            [sorted(([token, entry.logprob] for token, entry in step.items()), key=lambda pair: -pair[1])
+             for step in output.outputs[0].logprobs]
+            for output in outputs
+        ]  # fmt: skip
     if spec.get("sampling"):
         # one seed per request: the same tokens on every draw, whatever else is in the batch
         params = [SamplingParams(temperature=1.0, max_tokens=n, min_tokens=n, seed=i) for i in range(len(prompts))]
@@ -78,7 +91,34 @@ def config_errors() -> dict:
         "encoder_family": error_of(
             lambda: check_servable(LayAlignVllmConfig(encoder_config={"model_type": "gpt2", "n_layer": 2}))
         ),
-        "layalign_only": error_of(lambda: check_servable(LayAlignVllmConfig(checkpoint_format="layalign_only"))),
+        "missing_base": error_of(
+            lambda: check_servable(
+                LayAlignVllmConfig(
+                    checkpoint_format="layalign_only",
+                    encoder_name_or_path="/nonexistent/encoder",
+                    llm_name_or_path="/nonexistent/llm",
+                )
+            )
+        ),
+    }
+
+
+def base_errors(spec: dict) -> dict:
+    """The errors a LayAlign-only checkpoint gets over wrong bases: the encoder given as its LLM (other family), and
+    bases whose weights differ from the checkpoint's fingerprints (checked as the model reads them)."""
+    config = LayAlignVllmConfig.from_pretrained(spec["model"])
+    config.update(spec["engine_args"]["hf_overrides"])
+    swapped = copy.deepcopy(config)
+    swapped.llm_name_or_path = config.encoder_name_or_path
+    tampered = copy.deepcopy(config)
+    for fingerprint in tampered.base_fingerprints.values():
+        for saved in fingerprint.values():
+            saved["values"] = [value + 0.01 for value in saved["values"]]
+    return {
+        "other_family": error_of(lambda: check_servable(swapped)),
+        "encoder_fingerprint": error_of(lambda: load_encoder_weights(tampered, torch.float32)),
+        "llm_fingerprint": error_of(lambda: list(llm_weights(tampered))),
+        "right_bases": error_of(lambda: (load_encoder_weights(config, torch.float32), list(llm_weights(config)))),
     }
 
 
@@ -86,6 +126,8 @@ def main(spec_path: str, results_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     results = {"config_errors": config_errors()}
     for name, checkpoint in spec["checkpoints"].items():
+        if checkpoint.get("base_errors"):
+            results[f"{name}_base_errors"] = base_errors(checkpoint)
         results[name] = run_checkpoint(checkpoint)
     with open(results_path, "w") as file:
         json.dump(results, file)
