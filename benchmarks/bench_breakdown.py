@@ -25,6 +25,7 @@ import bench_train
 from common import (
     Models,
     argument_parser,
+    autocast_for,
     build_models,
     interleaved_median_seconds,
     print_table,
@@ -198,13 +199,8 @@ def training_breakdown(models: Models, repeats: int) -> dict[str, dict[str, floa
     text_len = preset.stage1_text_len
     llm_len = models.layalign.num_prefix_positions(preset.encoder_len) + text_len
     batch = training_batch(models.layalign.config, preset.train_batch, preset.encoder_len, text_len, preset.device)
-    functions = {}
-    for name, model in (("MindMerger mode", models.mindmerger), ("LayAlign", models.layalign)):
-        model.train()
-        optimizer = torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad])
-        functions[name] = lambda model=model, optimizer=optimizer: bench_train.layalign_step(
-            model, batch, optimizer, contextlib.nullcontext
-        )
+    steps = bench_train.step_functions(models, batch, autocast_for(preset.device, preset.dtype))
+    functions = {"MindMerger mode": steps["MindMerger mode"], "LayAlign": steps["LayAlign"]}
     parts = Parts(models.layalign, preset.train_batch, preset.encoder_len, llm_len, train=True).functions()
     for shared in ("encoder", "input mapping"):
         parts.pop(shared)

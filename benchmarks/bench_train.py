@@ -13,6 +13,8 @@ modules stay float32 and the step runs under autocast. `--compile` runs each con
 """
 
 
+from collections.abc import Callable
+
 import torch
 
 from common import (
@@ -46,6 +48,20 @@ def llm_step(llm, embeds: torch.Tensor, labels: torch.Tensor, autocast) -> None:
     loss.backward()
 
 
+def step_functions(
+    models: Models, batch: dict, autocast, wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda model: model
+) -> dict[str, Callable[[], None]]:
+    """One training step each of LayAlign and MindMerger mode on `batch` (AdamW over the trainable parameters, lr
+    1e-5), both models left in train mode; `wrap` (e.g. `torch.compile`) applies to the model a step calls."""
+    steps = {}
+    for name, model in (("LayAlign", models.layalign), ("MindMerger mode", models.mindmerger)):
+        model.train()
+        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+        steps[name] = lambda model=wrap(model), optimizer=optimizer: layalign_step(model, batch, optimizer, autocast)
+    return steps
+
+
 def measure_stage(
     models: Models, text_len: int, target_from: int, repeats: int, profile: bool = False, compile: bool = False
 ) -> dict[str, dict]:
@@ -54,14 +70,7 @@ def measure_stage(
     config = models.layalign.config
     batch = training_batch(config, preset.train_batch, preset.encoder_len, text_len, preset.device, target_from)
     autocast = autocast_for(preset.device, preset.dtype)
-    steps = {}
-    for name, model in (("LayAlign", models.layalign), ("MindMerger mode", models.mindmerger)):
-        model.train()
-        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-5)
-        steps[name] = lambda model=maybe_compiled(model), optimizer=optimizer: layalign_step(
-            model, batch, optimizer, autocast
-        )
+    steps = step_functions(models, batch, autocast, maybe_compiled)
     sequence_len = models.layalign.num_prefix_positions(preset.encoder_len) + text_len
     embeds = torch.randn(
         preset.train_batch, sequence_len, models.llm.config.hidden_size, device=preset.device, dtype=preset.dtype

@@ -71,12 +71,10 @@ def arithmetic_ratios(models) -> dict[str, float]:
             ratios[f"decoding, batch {batch}, LayAlign / LLM alone"] = decoding["LLM alone"] / decoding["LayAlign"]
             ratios[f"prefill, batch {batch}, LayAlign / LLM alone"] = macs["LayAlign", 1] / macs["LLM alone", 1]
     batch = training_batch(models.layalign.config, preset.train_batch, preset.encoder_len, preset.stage1_text_len, preset.device)
-    autocast = autocast_for(preset.device, preset.dtype)
-    steps = {}
-    for name, model in (("LayAlign", models.layalign), ("MindMerger mode", models.mindmerger)):
-        model.train()
-        optimizer = torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad])
-        steps[name] = multiply_adds(lambda: bench_train.layalign_step(model, batch, optimizer, autocast))
+    steps = {name: multiply_adds(step) for name, step in bench_train.step_functions(
+        models, batch, autocast_for(preset.device, preset.dtype)
+    ).items()}  # fmt: skip
+    for model in (models.layalign, models.mindmerger):
         model.eval()
     ratios[f"training step, batch {preset.train_batch}, LayAlign / MindMerger mode"] = (
         steps["LayAlign"] / steps["MindMerger mode"]
