@@ -38,6 +38,7 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import CrossAttention
+from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.models.interfaces import SupportsMultiModal
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer
 from vllm.model_executor.models.utils import extract_layer_index, maybe_prefix
@@ -89,12 +90,17 @@ class FusedAttention(nn.Module):
     """The fused branch of one adapted layer: a vLLM cross-attention over the layer's fused keys and values.
 
     vLLM keeps the keys and values of `CrossAttention` in the request's cross-attention KV cache, written on the
-    request's first step (when they are passed) and read on every later step (when `None` is passed).
+    request's first step (when they are passed) and read on every later step (when `None` is passed). The branch
+    reads every source token: a model-wide sliding window (Mistral's), which vLLM's attention takes from
+    `cache_config`, is the self-attention's only.
     """
 
     def __init__(self, attention: nn.Module, slot: int, cache_config, prefix: str):
         super().__init__()
         self.slot = slot
+        if cache_config is not None and cache_config.sliding_window is not None:
+            cache_config = copy.copy(cache_config)
+            cache_config.sliding_window = None
         self.attn = CrossAttention(
             attention.num_heads,
             attention.head_dim,
@@ -121,6 +127,7 @@ class FusedAttention(nn.Module):
             keys, values = project_fused_kv(
                 attention, fused_sources[2 * self.slot], fused_sources[2 * self.slot + 1], fused_gates[self.slot]
             )
+            keys = attention.norm_keys(keys)
         return self.attn(query, keys, values)
 
 
@@ -134,6 +141,14 @@ class LayAlignLlamaAttention(LlamaAttention):
         if slot is not None:
             self.fused = FusedAttention(self, slot, kwargs.get("cache_config"), prefix=f"{kwargs['prefix']}.fused")
 
+    def norm_queries_and_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the family does to the projected queries and keys before RoPE: nothing in Llama."""
+        return q, k
+
+    def norm_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """What the family does to projected keys before RoPE, applied to the fused keys (which get no RoPE)."""
+        return keys
+
     def forward(
         self,
         positions: torch.Tensor,
@@ -143,7 +158,7 @@ class LayAlignLlamaAttention(LlamaAttention):
     ) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = self.rotary_emb(positions, *self.norm_queries_and_keys(q, k))
         attn_output = self.attn(q, k, v)
         if self.fused is not None:
             attn_output = attn_output + self.fused(self, q, fused_sources, fused_gates)
@@ -151,11 +166,43 @@ class LayAlignLlamaAttention(LlamaAttention):
         return output
 
 
-class LayAlignLlamaDecoderLayer(LlamaDecoderLayer):
-    """vLLM's Llama decoder layer with [`LayAlignLlamaAttention`]; passes the fused sources to it."""
+class LayAlignQwen3Attention(LayAlignLlamaAttention):
+    """Qwen3's attention on vLLM's Llama one: an RMSNorm over each head of the queries and of the keys before RoPE
+    (`q_norm`, `k_norm`, loaded by these names, as vLLM's `Qwen3Attention` has them). The fused keys go through
+    `k_norm` too (`attention_layalign.LLM_FAMILIES["qwen3"]`)."""
 
-    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None, *, slots: Mapping[int, int]):
-        super().__init__(vllm_config, prefix, config, attn_layer_type=partial(LayAlignLlamaAttention, slots=slots))
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        epsilon = kwargs["config"].rms_norm_eps
+        self.q_norm = RMSNorm(self.head_dim, eps=epsilon)
+        self.k_norm = RMSNorm(self.head_dim, eps=epsilon)
+
+    def norm_queries_and_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _per_head(self.q_norm, q, self.head_dim), self.norm_keys(k)
+
+    def norm_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        return _per_head(self.k_norm, keys, self.head_dim)
+
+
+def _per_head(norm: nn.Module, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """`norm` over each head of `x`, `(num_tokens, num_heads * head_dim)`."""
+    return norm(x.view(*x.shape[:-1], -1, head_dim)).view(x.shape)
+
+
+class LayAlignLlamaDecoderLayer(LlamaDecoderLayer):
+    """vLLM's Llama decoder layer with our `attention` (a [`LayAlignLlamaAttention`]); passes the fused sources
+    to it."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        prefix: str = "",
+        config=None,
+        *,
+        attention: type[LayAlignLlamaAttention],
+        slots: Mapping[int, int],
+    ):
+        super().__init__(vllm_config, prefix, config, attn_layer_type=partial(attention, slots=slots))
 
     def forward(
         self,
@@ -283,7 +330,11 @@ class LayAlignForConditionalGeneration(nn.Module, SupportsMultiModal):
         self.llm = resolve_obj_by_qualname(family.causal_lm.replace(":", "."))(
             vllm_config=vllm_config.with_hf_config(text_config, architectures=[family.architecture]),
             prefix=maybe_prefix(prefix, "llm"),
-            layer_type=partial(resolve_obj_by_qualname(family.layer.replace(":", ".")), slots=slots),
+            layer_type=partial(
+                LayAlignLlamaDecoderLayer,
+                attention=resolve_obj_by_qualname(family.attention.replace(":", ".")),
+                slots=slots,
+            ),
         )
         logger.info(
             "LayAlign: %s encoder, %s LLM, input mapping %s, fused attention in LLM layers %s.",

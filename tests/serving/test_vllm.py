@@ -3,7 +3,7 @@
 Checkpoints and reference tokens are built here, in the project's environment; vLLM runs in the serving environment
 (`bash scripts/install_vllm.sh`; the interpreter in `LAYALIGN_VLLM_PYTHON`, default `.venv-vllm/bin/python`) through
 `vllm_runner.py` for the offline checks and `python -m vllm.entrypoints.openai.api_server` for the server, so vLLM
-starts six engines in all (about 4 minutes on a 2-core CPU). Skipped where the serving environment is missing; the
+starts eight engines in all (about 5 minutes on a 2-core CPU). Skipped where the serving environment is missing; the
 demo checks, where the demo models' pip packages are (`layalign_demo.prepare_demo_models`).
 
 Full and LayAlign-only checkpoints are both served: the tiny MindMerger one is LayAlign-only, its bases moved after
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, MT5Config, Qwen2Config, XLMRobertaConfig
+from transformers import LlamaConfig, MistralConfig, MT5Config, Qwen2Config, Qwen3Config, XLMRobertaConfig
 
 from layalign_demo import MissingDemoPackageError, prepare_demo_models
 from modeling_layalign import LayAlignConfig, LayAlignForCausalLM, LayAlignProcessor
@@ -70,6 +70,9 @@ _LLM = dict(vocab_size=LLM_VOCAB, hidden_size=128, intermediate_size=256, num_hi
 LLM_CONFIGS = {
     "llama": lambda: LlamaConfig(**_LLM, bos_token_id=1),
     "qwen2": lambda: Qwen2Config(**_LLM, bos_token_id=None),  # Qwen2: no BOS, biases on q/k/v
+    "qwen3": lambda: Qwen3Config(**_LLM, head_dim=32, bos_token_id=None),  # per-head norms of queries and keys
+    # A sliding window shorter than every request's sequence (source, prompt and new tokens), so that it acts.
+    "mistral": lambda: MistralConfig(**_LLM, bos_token_id=1, sliding_window=8),
 }
 MT5 = dict(vocab_size=ENCODER_VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, initializer_factor=5.0)
 XLMR = dict(vocab_size=ENCODER_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -90,6 +93,9 @@ def build_checkpoint(
             for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 if projection.bias is not None:
                     projection.bias.normal_(std=0.5)
+            for norm in (getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None)):
+                if norm is not None:  # off their init of ones, so that loading them by name shows
+                    norm.weight.normal_(mean=1.0, std=0.3)
     with torch.no_grad():  # every LayAlign weight off its initial value, the gates off zero, as after training
         for name in model.layalign_module_names:
             if (module := getattr(model, name)) is not None:
@@ -126,10 +132,11 @@ def greedy(model: LayAlignForCausalLM, source: list[int], prompt: list[int]) -> 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:
-    """Three checkpoints, their requests and `generate`'s greedy tokens: `layalign` (Llama, mT5 encoder, "mlp"
+    """Five checkpoints, their requests and `generate`'s greedy tokens: `layalign` (Llama, mT5 encoder, "mlp"
     fusion, adapted LLM layers 0 and 2, with processor), `mindmerger` (Llama, XLM-R encoder, no layer fusion,
-    LayAlign-only: its bases saved in `bases-saved/`, then moved to `bases/` and given through `hf_overrides`) and
-    `qwen2` (Qwen2, XLM-R encoder, every layer adapted)."""
+    LayAlign-only: its bases saved in `bases-saved/`, then moved to `bases/` and given through `hf_overrides`),
+    `qwen2` (Qwen2, XLM-R encoder, every layer adapted), `qwen3` (Qwen3, mT5 encoder, layers 1 and 2 adapted) and
+    `mistral` (Mistral with a sliding window of 8, XLM-R encoder, every layer adapted)."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("vllm")
     generator = torch.Generator().manual_seed(7)
@@ -139,6 +146,8 @@ def checkpoints(tmp_path_factory) -> dict:
         ("layalign", "llama", MT5Config(**MT5), True, dict(fusion_structure="mlp", adapted_llm_layers=[0, 2])),
         ("mindmerger", "llama", XLMRobertaConfig(**XLMR), False, dict(use_layer_fusion=False, bases=saved_bases)),
         ("qwen2", "qwen2", XLMRobertaConfig(**XLMR), False, {}),
+        ("qwen3", "qwen3", MT5Config(**MT5), False, dict(adapted_llm_layers=[1, 2])),
+        ("mistral", "mistral", XLMRobertaConfig(**XLMR), False, {}),
     ):  # fmt: skip
         model = build_checkpoint(root / name, llm, encoder_config, with_processor, **kwargs)
         sources = random_ids([n for n, _ in LENGTHS], ENCODER_VOCAB, generator)
@@ -277,9 +286,11 @@ def test_layalign_only_checkpoint_refuses_wrong_bases(offline_results):
     assert errors["right_bases"] is None
 
 
-def test_greedy_tokens_equal_generate_qwen2(checkpoints, offline_results):
-    """A second LLM family: Qwen2 (no BOS; q/k/v biases, so the gate must scale the projected values)."""
-    assert offline_results["qwen2"]["greedy"] == checkpoints["qwen2"]["reference"]
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral"])
+def test_greedy_tokens_equal_generate_other_llm_families(name, checkpoints, offline_results):
+    """Qwen2 (no BOS; q/k/v biases, so the gate must scale the projected values), Qwen3 (per-head norms of the
+    queries and keys, the fused keys normed too) and Mistral (a sliding window shorter than the requests)."""
+    assert offline_results[name]["greedy"] == checkpoints[name]["reference"]
 
 
 def test_seeded_sampling_is_reproducible(offline_results):
