@@ -23,7 +23,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-import transformers
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
@@ -102,9 +101,7 @@ def load_encoder_weights(config: PretrainedConfig, dtype: torch.dtype) -> dict[s
     the names are those of the module the full checkpoints hold under `encoder.*`.
     """
     family = ENCODER_FAMILIES[config.encoder_config.model_type]
-    encoder = getattr(transformers, family.auto_class).from_pretrained(
-        config.encoder_name_or_path, dtype=dtype, **family.model_kwargs
-    )
+    encoder = family.from_pretrained(config.encoder_name_or_path, dtype=dtype)
     check_fingerprint(dict(encoder.named_parameters()), fingerprint_of(config, "encoder"), "encoder_name_or_path")
     return encoder.state_dict()
 

@@ -3,19 +3,19 @@
 The counterpart of `LLM_FAMILIES` (`modeling_layalign/attention_layalign.py`) and `ENCODER_FAMILIES`
 (`modeling_layalign/encoders_layalign.py`) in our transformers implementation, restricted to what this plugin
 implements: Llama, Mistral, Qwen2 and Qwen3 LLMs (each tested against `generate`), all run by vLLM's Llama classes
-with our attention in their layers, and the encoders built by the same transformers classes as the tested mT5 and
-XLM-R. Gemma 2/3 (embedding scale, soft-capping, four norms per layer), NLLB and decoder-only encoders are not
-implemented yet. Adding an LLM that vLLM's Llama layers fit means an entry here, with an attention class of its own
-in `modeling.py` where its attention differs (as Qwen3's per-head norms do); one they do not fit needs decoder
-layers of its own. Classes are named as `"module:Class"` strings and imported
-when a model is built, so that reading this table (at plugin registration, in every vLLM process) imports no model
-code.
+with our attention in their layers; and every encoder family, run by transformers as in our implementation (tested:
+mT5, XLM-R, NLLB and a Llama as decoder-only encoder). Gemma 2/3 LLMs (embedding scale, soft-capping, four norms
+per layer) are not implemented yet. Adding an LLM that vLLM's Llama layers fit means an entry here, with an
+attention class of its own in `modeling.py` where its attention differs (as Qwen3's per-head norms do); one they do
+not fit needs decoder layers of its own. Classes are named as `"module:Class"` strings and imported when a model is
+built, so that reading this table (at plugin registration, in every vLLM process) imports no model code.
 """
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -37,16 +37,20 @@ class LLMFamily:
 
 @dataclass(frozen=True)
 class EncoderFamily:
-    """How to build one family of encoders from its config with the transformers vLLM brings.
+    """How to build and load one family of encoders with the transformers vLLM brings.
 
     Attributes:
-        auto_class: the transformers auto class that builds the module our checkpoints hold under `encoder.*`.
-        model_kwargs: keyword arguments for building it (BERT-style models drop the pooler, never read).
+        model_class: `"module:Class"` of the module our checkpoints hold under `encoder.*`: a transformers auto class
+            that picks it from the config, or the class itself.
+        pretrained_class: `"module:Class"` whose `from_pretrained` loads a base of the family, when the encoder is
+            the `get_encoder()` of a whole encoder-decoder model (NLLB); `None`: `model_class` loads it.
+        model_kwargs: keyword arguments for building and loading it (BERT-style models drop the pooler, never read).
         position_offset: for learned absolute positions, the first row a token uses, so that a longer source is
             refused with a clear error; `None` where the encoder sets no limit.
     """
 
-    auto_class: str
+    model_class: str
+    pretrained_class: str | None = None
     model_kwargs: dict = field(default_factory=dict)
     position_offset: Callable[[PretrainedConfig], int] | None = None
 
@@ -55,6 +59,23 @@ class EncoderFamily:
         if self.position_offset is None:
             return None
         return config.max_position_embeddings - self.position_offset(config)
+
+    def build(self, config: PretrainedConfig) -> PreTrainedModel:
+        """The encoder with random weights, in eval mode."""
+        model_class = _resolve(self.model_class)
+        from_config = getattr(model_class, "from_config", None) or model_class._from_config  # auto class or model
+        return from_config(config, **self.model_kwargs).eval()
+
+    def from_pretrained(self, source: str, **kwargs) -> PreTrainedModel:
+        """The encoder of the base `source`, under the names of the module `build` makes."""
+        if self.pretrained_class is None:
+            return _resolve(self.model_class).from_pretrained(source, **self.model_kwargs, **kwargs)
+        return _resolve(self.pretrained_class).from_pretrained(source, **self.model_kwargs, **kwargs).get_encoder()
+
+
+def _resolve(qualified_name: str) -> type:
+    module, name = qualified_name.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 _LLAMA = LLMFamily(
@@ -78,11 +99,22 @@ LLM_FAMILIES: dict[str, LLMFamily] = {
     "qwen3": LLMFamily(_LLAMA.causal_lm, "layalign_vllm.modeling:LayAlignQwen3Attention", _LLAMA.architecture),
 }
 
-_T5 = EncoderFamily("AutoModelForTextEncoding")
-_BERT = EncoderFamily("AutoModel", {"add_pooling_layer": False}, position_offset=lambda config: 0)
-_ROBERTA = EncoderFamily(
-    "AutoModel", {"add_pooling_layer": False}, position_offset=lambda config: config.pad_token_id + 1
+_T5 = EncoderFamily("transformers:AutoModelForTextEncoding")
+_BERT = EncoderFamily(
+    "transformers:AutoModel", model_kwargs={"add_pooling_layer": False}, position_offset=lambda config: 0
 )
+_ROBERTA = EncoderFamily(
+    "transformers:AutoModel",
+    model_kwargs={"add_pooling_layer": False},
+    position_offset=lambda config: config.pad_token_id + 1,
+)
+# NLLB: the encoder of an M2M100 model (sinusoidal positions that skip padding; one unpadded source per request).
+_NLLB = EncoderFamily(
+    "transformers.models.m2m_100.modeling_m2m_100:M2M100Encoder", pretrained_class="transformers:M2M100Model"
+)
+# A decoder-only LM as encoder: its base model, whose positions start at 0 (one unpadded source per request, so the
+# position ids that skip left padding in `modeling_layalign/encoders_layalign.py` are the default ones here).
+_DECODER_ONLY = EncoderFamily("transformers:AutoModel")
 
 ENCODER_FAMILIES: dict[str, EncoderFamily] = {
     "t5": _T5,
@@ -91,4 +123,7 @@ ENCODER_FAMILIES: dict[str, EncoderFamily] = {
     "bert": _BERT,
     "roberta": _ROBERTA,
     "xlm-roberta": _ROBERTA,
+    "m2m_100": _NLLB,
+    # the LLM families of `modeling_layalign/attention_layalign.py`, run by transformers here, so Gemma's too
+    **{model_type: _DECODER_ONLY for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")},
 }

@@ -32,7 +32,6 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
 
 from vllm.config import VllmConfig
@@ -304,9 +303,7 @@ class LayAlignForConditionalGeneration(nn.Module, SupportsMultiModal):
         self.llm_hidden_size = text_config.hidden_size
         self.num_adapted_layers = config.num_adapted_layers
 
-        encoder_family = ENCODER_FAMILIES[encoder_config.model_type]
-        auto_class = getattr(transformers, encoder_family.auto_class)
-        self.encoder = auto_class.from_config(encoder_config, **encoder_family.model_kwargs).eval()
+        self.encoder = ENCODER_FAMILIES[encoder_config.model_type].build(encoder_config)
         self.input_mapping = self.boundary = self.fusion = self.gates = None
         if config.use_input_mapping:
             self.input_mapping = LayAlignInputMapping(encoder_config.hidden_size, self.llm_hidden_size)

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, MistralConfig, MT5Config, Qwen2Config, Qwen3Config, XLMRobertaConfig
+from transformers import (
+    LlamaConfig, M2M100Config, M2M100Model, MistralConfig, MT5Config, Qwen2Config, Qwen3Config, XLMRobertaConfig,
+)  # fmt: skip
 
 from layalign_demo import MissingDemoPackageError, prepare_demo_models
 from modeling_layalign import LayAlignConfig, LayAlignForCausalLM, LayAlignProcessor
@@ -77,6 +79,12 @@ LLM_CONFIGS = {
 MT5 = dict(vocab_size=ENCODER_VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, initializer_factor=5.0)
 XLMR = dict(vocab_size=ENCODER_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
             initializer_range=0.2)  # fmt: skip
+NLLB = dict(vocab_size=ENCODER_VOCAB, d_model=64, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+            init_std=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+DECODER_ONLY_ENCODER = dict(vocab_size=ENCODER_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, initializer_range=0.2, pad_token_id=0, bos_token_id=1,
+                            eos_token_id=2)  # fmt: skip
 
 
 def build_checkpoint(
@@ -105,7 +113,7 @@ def build_checkpoint(
             model.gates.weight.copy_(torch.linspace(0.5, 1.5, model.gates.weight.numel()))
     llm_tokenizer = train_tiny_tokenizer(LLM_VOCAB, ["<pad>", "<s>", "</s>", "<unk>"], "<s>", "</s>", wrap=False)
     if bases is not None:
-        model.encoder.save_pretrained(bases / "encoder")
+        save_encoder_base(model.encoder, bases / "encoder")
         model.llm.save_pretrained(bases / "llm")
         llm_tokenizer.save_pretrained(bases / "llm")
         model.config.encoder_name_or_path, model.config.llm_name_or_path = str(bases / "encoder"), str(bases / "llm")
@@ -119,6 +127,15 @@ def build_checkpoint(
     else:
         llm_tokenizer.save_pretrained(folder)
     return model
+
+
+def save_encoder_base(encoder, folder: Path) -> None:
+    """Saves the encoder as its family's bases are published: NLLB's inside a whole M2M100 model."""
+    if encoder.config.model_type == "m2m_100":
+        whole = M2M100Model(encoder.config)
+        whole.encoder.load_state_dict(encoder.state_dict())
+        encoder = whole
+    encoder.save_pretrained(folder)
 
 
 def greedy(model: LayAlignForCausalLM, source: list[int], prompt: list[int]) -> list[int]:
@@ -135,8 +152,9 @@ def checkpoints(tmp_path_factory) -> dict:
     """Five checkpoints, their requests and `generate`'s greedy tokens: `layalign` (Llama, mT5 encoder, "mlp"
     fusion, adapted LLM layers 0 and 2, with processor), `mindmerger` (Llama, XLM-R encoder, no layer fusion,
     LayAlign-only: its bases saved in `bases-saved/`, then moved to `bases/` and given through `hf_overrides`),
-    `qwen2` (Qwen2, XLM-R encoder, every layer adapted), `qwen3` (Qwen3, mT5 encoder, layers 1 and 2 adapted) and
-    `mistral` (Mistral with a sliding window of 8, XLM-R encoder, every layer adapted)."""
+    `qwen2` (Qwen2, XLM-R encoder, every layer adapted), `qwen3` (Qwen3, a Llama as decoder-only encoder, layers 1
+    and 2 adapted) and `mistral` (Mistral with a sliding window of 8, NLLB encoder, every layer adapted;
+    LayAlign-only, its encoder base a whole M2M100 model, as NLLB's are published)."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("vllm")
     generator = torch.Generator().manual_seed(7)
@@ -146,8 +164,8 @@ def checkpoints(tmp_path_factory) -> dict:
         ("layalign", "llama", MT5Config(**MT5), True, dict(fusion_structure="mlp", adapted_llm_layers=[0, 2])),
         ("mindmerger", "llama", XLMRobertaConfig(**XLMR), False, dict(use_layer_fusion=False, bases=saved_bases)),
         ("qwen2", "qwen2", XLMRobertaConfig(**XLMR), False, {}),
-        ("qwen3", "qwen3", MT5Config(**MT5), False, dict(adapted_llm_layers=[1, 2])),
-        ("mistral", "mistral", XLMRobertaConfig(**XLMR), False, {}),
+        ("qwen3", "qwen3", LlamaConfig(**DECODER_ONLY_ENCODER), False, dict(adapted_llm_layers=[1, 2])),
+        ("mistral", "mistral", M2M100Config(**NLLB), False, dict(bases=root / "nllb-bases")),
     ):  # fmt: skip
         model = build_checkpoint(root / name, llm, encoder_config, with_processor, **kwargs)
         sources = random_ids([n for n, _ in LENGTHS], ENCODER_VOCAB, generator)
@@ -287,9 +305,10 @@ def test_layalign_only_checkpoint_refuses_wrong_bases(offline_results):
 
 
 @pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral"])
-def test_greedy_tokens_equal_generate_other_llm_families(name, checkpoints, offline_results):
+def test_greedy_tokens_equal_generate_other_families(name, checkpoints, offline_results):
     """Qwen2 (no BOS; q/k/v biases, so the gate must scale the projected values), Qwen3 (per-head norms of the
-    queries and keys, the fused keys normed too) and Mistral (a sliding window shorter than the requests)."""
+    queries and keys, the fused keys normed too; a decoder-only encoder) and Mistral (a sliding window shorter than
+    the requests; NLLB's encoder, read from a whole M2M100 base)."""
     assert offline_results[name]["greedy"] == checkpoints[name]["reference"]
 
 
