@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: on one machine with an NVIDIA GPU and no network (the steps' time limits add up to 16 minutes), run the GPU tests
+# The GPU check: on one machine with an NVIDIA GPU and no network (the steps' time limits add up to 16 minutes, 23 with vLLM), run the GPU tests
 # (`pytest -m gpu`: bf16 against fp32, compiled static-cache decoding, SDPA against eager, flash attention when
 # installed, a bf16 training run, a 4-bit NF4 LLM trained under and reloaded) and the benchmarks with the `paper` preset (mT5-xl encoder + Llama-2-7B at random
 # init, bf16), eager and with compiled decoding, and one training step under FSDP 2 and DeepSpeed ZeRO-2 on the one
@@ -16,6 +16,10 @@
 #   pip download --no-deps --only-binary=:all: -d .whl hjson py-cpuinfo ninja einops msgpack
 # and, for the 4-bit NF4 test (`--quantize nf4`, skipped without it), bitsandbytes' wheel:
 #   pip download --no-deps --only-binary=:all: -d .whl bitsandbytes==0.50.2
+# With LAYALIGN_VLLM_PYTHON naming the Python of an environment that has a CUDA build of vLLM 0.32 and this
+# checkout's plugin (a CUDA vLLM wheel with its torch is far over what travels to a machine without network, so it
+# must be there already), the serving tests run on the GPU too (`tests/serving`: greedy tokens against `generate` on
+# the tiny checkpoints; the demo-model checks skip without the demo packages). Not run on a GPU yet.
 # RESULTS_DIR defaults to $OUT, else gpu_results. PRESET=tiny runs the same steps in seconds (a dry run).
 # Exits non-zero if any step failed; every step still runs.
 set -uo pipefail
@@ -57,6 +61,11 @@ run bench_train 120 "$PYTHON" benchmarks/bench_train.py --preset "$PRESET" --pro
 run bench_generate 260 "$PYTHON" benchmarks/bench_generate.py --preset "$PRESET" --repeats 3 --profile --json "$RESULTS/generate.json"
 run bench_checkpoint 60 "$PYTHON" benchmarks/bench_checkpoint.py --preset "$PRESET" --json "$RESULTS/checkpoint.json"
 run bench_engines 150 "$PYTHON" benchmarks/bench_engines.py --preset "$PRESET" --repeats 3 --json "$RESULTS/engines.json"
+if [ -n "${LAYALIGN_VLLM_PYTHON:-}" ]; then
+    run vllm_serving 420 "$PYTHON" -m pytest -q -p no:cacheprovider tests/serving
+else
+    echo "== vllm_serving: skipped (set LAYALIGN_VLLM_PYTHON to a Python with a CUDA build of vLLM)" | tee -a "$RESULTS/steps.txt"
+fi
 # Last, as compiling the decoding step of three models takes minutes: static caches, compiled steps (CUDA graphs).
 run bench_generate_static 240 "$PYTHON" benchmarks/bench_generate.py --preset "$PRESET" --repeats 3 --static_cache --json "$RESULTS/generate_static.json"
 
