@@ -10,12 +10,11 @@ vLLM serves the model as an encoder-decoder one, as it serves Whisper (see `proc
   frozen key and value maps into its fused keys and values, which a vLLM `CrossAttention` writes into the request's
   cross-attention KV cache; later steps read them from there. So the encoder runs, and the fused K/V are projected,
   once per request;
-- in every adapted layer the layer's own normed and rotated queries attend over the fused keys and values (no
-  rotary embedding on them) through a separate softmax, and the result is added to the self-attention output before
-  `o_proj` (`modeling_layalign/attention_layalign.py`, `layalign_attention_forward`).
+- in every adapted layer the fused branch (`attention.py`) attends from the layer's own queries over those keys and
+  values, and adds the result to the self-attention output before `o_proj`.
 
-The gate scales the projected fused values, once per request (`attention_layalign.project_fused_kv`): the paper's
-`gate * softmax(q K^T) V` with the product moved onto `V`, exact whether or not the family's value map has a bias.
+The LLM is vLLM's causal LM of its family with our decoder layers (`families.LLM_FAMILIES`: vLLM's Llama classes for
+Llama, Mistral, Qwen2 and Qwen3; our own assembly of vLLM's Gemma parts for Gemma 2 and 3, `gemma.py`).
 The LayAlign modules keep our state-dict names (`modeling_layalign/modules_layalign.py`), so the checkpoints that
 `LayAlignForCausalLM.save_pretrained(..., checkpoint_format="full")` writes load as they are.
 
@@ -27,7 +26,7 @@ the folders its config names (or `hf_overrides`) after its own weights, and chec
 """
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from functools import partial
 
 import torch
@@ -36,18 +35,13 @@ from torch import nn
 
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
-from vllm.model_executor.layers.attention import CrossAttention
-from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.models.interfaces import SupportsMultiModal
-from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer
-from vllm.model_executor.models.utils import extract_layer_index, maybe_prefix
+from vllm.model_executor.models.utils import maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.utils.import_utils import resolve_obj_by_qualname
-from vllm.v1.attention.backend import AttentionType
 
 from .bases import LAYALIGN_ONLY, llm_weights, load_encoder_weights
 from .configuration import LayAlignVllmConfig, check_servable
-from .families import ENCODER_FAMILIES, LLM_FAMILIES
+from .families import ENCODER_FAMILIES, LLM_FAMILIES, resolve
 from .processing import LayAlignDummyInputsBuilder, LayAlignMultiModalProcessor, LayAlignProcessingInfo
 
 
@@ -55,170 +49,6 @@ logger = init_logger(__name__)
 
 # Checkpoints saved before 2026-12-05 hold one gate per adapted layer (`modules_layalign.PER_LAYER_GATE`).
 PER_LAYER_GATE = "gates.layers.{layer}.gate"
-
-
-# -- the fused branch inside vLLM's attention ------------------------------------------------------------------------
-
-
-def project_fused_kv(
-    attention: nn.Module, key_source: torch.Tensor, value_source: torch.Tensor, gate: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One adapted layer's fused keys and values, projected by its own frozen key and value maps.
-
-    vLLM merges `q_proj`, `k_proj` and `v_proj` into `qkv_proj`; its output is sliced rather than its weight, since
-    on CPU vLLM replaces that weight by a packed one after loading.
-
-    Args:
-        attention: the layer's vLLM attention (`qkv_proj`, `q_size`, `kv_size`).
-        key_source, value_source: `(encoder_tokens, d_llm)`, the sources of this layer's keys and values of every
-            request that starts in this step, in the LLM's dtype.
-        gate: `()`, this layer's gate.
-
-    Returns:
-        `(keys, values)`, each `(encoder_tokens, num_kv_heads * head_dim)`, the values multiplied by the gate (after
-        the bias, as `attention_layalign.project_fused_kv` does for a `v_proj` with bias).
-    """
-    num_tokens = key_source.shape[0]
-    projected, _ = attention.qkv_proj(torch.cat([key_source, value_source]))
-    keys = projected[:num_tokens, attention.q_size : attention.q_size + attention.kv_size]
-    values = projected[num_tokens:, attention.q_size + attention.kv_size :] * gate.to(projected.dtype)
-    return keys, values
-
-
-class FusedAttention(nn.Module):
-    """The fused branch of one adapted layer: a vLLM cross-attention over the layer's fused keys and values.
-
-    vLLM keeps the keys and values of `CrossAttention` in the request's cross-attention KV cache, written on the
-    request's first step (when they are passed) and read on every later step (when `None` is passed). The branch
-    reads every source token: a model-wide sliding window (Mistral's), which vLLM's attention takes from
-    `cache_config`, is the self-attention's only.
-    """
-
-    def __init__(self, attention: nn.Module, slot: int, cache_config, prefix: str):
-        super().__init__()
-        self.slot = slot
-        if cache_config is not None and cache_config.sliding_window is not None:
-            cache_config = copy.copy(cache_config)
-            cache_config.sliding_window = None
-        self.attn = CrossAttention(
-            attention.num_heads,
-            attention.head_dim,
-            attention.scaling,
-            num_kv_heads=attention.num_kv_heads,
-            cache_config=cache_config,
-            prefix=f"{prefix}.attn",
-            attn_type=AttentionType.ENCODER_DECODER,
-        )
-
-    def forward(
-        self,
-        attention: nn.Module,
-        query: torch.Tensor,
-        fused_sources: tuple[torch.Tensor, ...] | None,
-        fused_gates: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """`(num_tokens, num_heads * head_dim)` for the normed and rotated `query` of the same shape.
-
-        `fused_sources` (the `2M` sources, each `(encoder_tokens, d_llm)`) and `fused_gates` (`(M,)`) are given on a
-        step where some request starts, `None` otherwise."""
-        keys = values = None
-        if fused_sources is not None:
-            keys, values = project_fused_kv(
-                attention, fused_sources[2 * self.slot], fused_sources[2 * self.slot + 1], fused_gates[self.slot]
-            )
-            keys = attention.norm_keys(keys)
-        return self.attn(query, keys, values)
-
-
-class LayAlignLlamaAttention(LlamaAttention):
-    """vLLM's Llama attention; in adapted layers, plus the fused branch before `o_proj`."""
-
-    def __init__(self, *args, slots: Mapping[int, int], **kwargs):
-        super().__init__(*args, **kwargs)
-        slot = slots.get(extract_layer_index(kwargs["prefix"]))
-        self.fused = None
-        if slot is not None:
-            self.fused = FusedAttention(self, slot, kwargs.get("cache_config"), prefix=f"{kwargs['prefix']}.fused")
-
-    def norm_queries_and_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the family does to the projected queries and keys before RoPE: nothing in Llama."""
-        return q, k
-
-    def norm_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        """What the family does to projected keys before RoPE, applied to the fused keys (which get no RoPE)."""
-        return keys
-
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden_states: torch.Tensor,
-        fused_sources: tuple[torch.Tensor, ...] | None = None,
-        fused_gates: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, *self.norm_queries_and_keys(q, k))
-        attn_output = self.attn(q, k, v)
-        if self.fused is not None:
-            attn_output = attn_output + self.fused(self, q, fused_sources, fused_gates)
-        output, _ = self.o_proj(attn_output)
-        return output
-
-
-class LayAlignQwen3Attention(LayAlignLlamaAttention):
-    """Qwen3's attention on vLLM's Llama one: an RMSNorm over each head of the queries and of the keys before RoPE
-    (`q_norm`, `k_norm`, loaded by these names, as vLLM's `Qwen3Attention` has them). The fused keys go through
-    `k_norm` too (`attention_layalign.LLM_FAMILIES["qwen3"]`)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        epsilon = kwargs["config"].rms_norm_eps
-        self.q_norm = RMSNorm(self.head_dim, eps=epsilon)
-        self.k_norm = RMSNorm(self.head_dim, eps=epsilon)
-
-    def norm_queries_and_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _per_head(self.q_norm, q, self.head_dim), self.norm_keys(k)
-
-    def norm_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        return _per_head(self.k_norm, keys, self.head_dim)
-
-
-def _per_head(norm: nn.Module, x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """`norm` over each head of `x`, `(num_tokens, num_heads * head_dim)`."""
-    return norm(x.view(*x.shape[:-1], -1, head_dim)).view(x.shape)
-
-
-class LayAlignLlamaDecoderLayer(LlamaDecoderLayer):
-    """vLLM's Llama decoder layer with our `attention` (a [`LayAlignLlamaAttention`]); passes the fused sources
-    to it."""
-
-    def __init__(
-        self,
-        vllm_config: VllmConfig,
-        prefix: str = "",
-        config=None,
-        *,
-        attention: type[LayAlignLlamaAttention],
-        slots: Mapping[int, int],
-    ):
-        super().__init__(vllm_config, prefix, config, attn_layer_type=partial(attention, slots=slots))
-
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden_states: torch.Tensor,
-        residual: torch.Tensor | None,
-        fused_sources: tuple[torch.Tensor, ...] | None = None,
-        fused_gates: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states, fused_sources, fused_gates)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
 
 
 # -- the LayAlign modules, with the state-dict names of modeling_layalign/modules_layalign.py ---------------------
@@ -324,14 +154,10 @@ class LayAlignForConditionalGeneration(nn.Module, SupportsMultiModal):
             for name, value in family.text_config_overrides.items():
                 setattr(text_config, name, value)
         slots = {layer: slot for slot, layer in enumerate(config.adapted_llm_layers)} if self.num_adapted_layers else {}
-        self.llm = resolve_obj_by_qualname(family.causal_lm.replace(":", "."))(
+        self.llm = resolve(family.causal_lm)(
             vllm_config=vllm_config.with_hf_config(text_config, architectures=[family.architecture]),
             prefix=maybe_prefix(prefix, "llm"),
-            layer_type=partial(
-                LayAlignLlamaDecoderLayer,
-                attention=resolve_obj_by_qualname(family.attention.replace(":", ".")),
-                slots=slots,
-            ),
+            layer_type=partial(resolve(family.decoder_layer), attention=resolve(family.attention), slots=slots),
         )
         logger.info(
             "LayAlign: %s encoder, %s LLM, input mapping %s, fused attention in LLM layers %s.",

@@ -2,8 +2,9 @@
 
 Checkpoints and reference tokens are built here, in the project's environment; vLLM runs in the serving environment
 (`bash scripts/install_vllm.sh`; the interpreter in `LAYALIGN_VLLM_PYTHON`, default `.venv-vllm/bin/python`) through
-`vllm_runner.py` for the offline checks and `python -m vllm.entrypoints.openai.api_server` for the server, so vLLM
-starts eight engines in all (about 5 minutes on a 2-core CPU). Skipped where the serving environment is missing; the
+`vllm_runner.py` for the offline checks (nine engines, each inside the runner's process) and `python -m
+vllm.entrypoints.openai.api_server` for the server (front end, engine core and worker processes): about 3 minutes on
+a 2-core CPU. Skipped where the serving environment is missing; the
 demo checks, where the demo models' pip packages are (`layalign_demo.prepare_demo_models`).
 
 Full and LayAlign-only checkpoints are both served: the tiny MindMerger one is LayAlign-only, its bases moved after
@@ -27,12 +28,15 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
-    LlamaConfig, M2M100Config, M2M100Model, MistralConfig, MT5Config, Qwen2Config, Qwen3Config, XLMRobertaConfig,
+    Gemma2Config, Gemma3TextConfig, LlamaConfig, M2M100Config, M2M100Model, MistralConfig, MT5Config, Qwen2Config,
+    Qwen3Config, XLMRobertaConfig,
 )  # fmt: skip
 
 from layalign_demo import MissingDemoPackageError, prepare_demo_models
 from modeling_layalign import LayAlignConfig, LayAlignForCausalLM, LayAlignProcessor
+from modeling_layalign.conversion.convert import convert_reference_checkpoint
 from tests.conftest import free_port, random_ids, train_tiny_tokenizer
+from tests.conversion.test_convert import reference_state_dict
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,12 +73,21 @@ def serving_env() -> dict:
 # The smallest LLMs vLLM's CPU attention runs (head size 32), with grouped-query attention.
 _LLM = dict(vocab_size=LLM_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, eos_token_id=2, pad_token_id=0, initializer_range=0.2)  # fmt: skip
+_GEMMA = {**_LLM, "initializer_range": 0.1, "head_dim": 32, "query_pre_attn_scalar": 24, "bos_token_id": 1}
 LLM_CONFIGS = {
     "llama": lambda: LlamaConfig(**_LLM, bos_token_id=1),
     "qwen2": lambda: Qwen2Config(**_LLM, bos_token_id=None),  # Qwen2: no BOS, biases on q/k/v
     "qwen3": lambda: Qwen3Config(**_LLM, head_dim=32, bos_token_id=None),  # per-head norms of queries and keys
     # A sliding window shorter than every request's sequence (source, prompt and new tokens), so that it acts.
     "mistral": lambda: MistralConfig(**_LLM, bos_token_id=1, sliding_window=8),
+    # Gemma 2: scaled embeddings, four norms per layer, soft-capped attention (the fused branch too) and logits, its
+    # default alternation of sliding-window (here 8) and full layers. Smaller weights: the embeddings are scaled by
+    # sqrt(hidden_size), and at 0.2 the last token's embedding decides every step (one token repeated).
+    "gemma2": lambda: Gemma2Config(**_GEMMA, sliding_window=8),
+    # Gemma 3: per-head query and key norms (the fused keys normed too), RoPE per layer type.
+    "gemma3_text": lambda: Gemma3TextConfig(
+        **_GEMMA, sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"]
+    ),
 }
 MT5 = dict(vocab_size=ENCODER_VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, initializer_factor=5.0)
 XLMR = dict(vocab_size=ENCODER_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -129,6 +142,20 @@ def build_checkpoint(
     return model
 
 
+def build_converted_checkpoint(folder: Path, bases: Path) -> LayAlignForCausalLM:
+    """A Llama + mT5 model written in the reference code's layout (the whole module pickled in float16, as
+    `tests/conversion` writes it), converted into the LayAlign-only checkpoint `folder` over its bases saved in
+    `bases`; returns the converted model as `from_pretrained` loads it."""
+    source = build_checkpoint(
+        folder.with_name(f"{folder.name}-source"), "llama", MT5Config(**MT5), False, bases=bases, adapted_llm_layers=[1]
+    )
+    reference = folder.with_name(f"{folder.name}-reference") / "pytorch_model.bin"
+    reference.parent.mkdir()
+    torch.save(reference_state_dict(source), reference)
+    convert_reference_checkpoint(reference, folder, encoder=bases / "encoder", llm=bases / "llm")
+    return LayAlignForCausalLM.from_pretrained(folder).eval()
+
+
 def save_encoder_base(encoder, folder: Path) -> None:
     """Saves the encoder as its family's bases are published: NLLB's inside a whole M2M100 model."""
     if encoder.config.model_type == "m2m_100":
@@ -138,46 +165,61 @@ def save_encoder_base(encoder, folder: Path) -> None:
     encoder.save_pretrained(folder)
 
 
-def greedy(model: LayAlignForCausalLM, source: list[int], prompt: list[int]) -> list[int]:
+def greedy(model: LayAlignForCausalLM, source: list[int], prompt: list[int]) -> tuple[list[int], list[float]]:
+    """`generate`'s greedy tokens and the log-probability of each (which a wrong detail moves even where random
+    weights keep choosing the same token)."""
     with torch.no_grad():
         out = model.generate(
             input_ids=torch.tensor([prompt]), encoder_input_ids=torch.tensor([source]), max_new_tokens=MAX_NEW,
-            min_new_tokens=MAX_NEW, do_sample=False,
+            min_new_tokens=MAX_NEW, do_sample=False, output_logits=True, return_dict_in_generate=True,
         )  # fmt: skip
-    return out[0, len(prompt) :].tolist()
+    tokens = out.sequences[0, len(prompt) :].tolist()
+    logprobs = [torch.log_softmax(logits[0], -1)[token].item() for logits, token in zip(out.logits, tokens)]
+    return tokens, logprobs
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:
-    """Five checkpoints, their requests and `generate`'s greedy tokens: `layalign` (Llama, mT5 encoder, "mlp"
+    """Eight checkpoints, their requests and `generate`'s greedy tokens: `layalign` (Llama, mT5 encoder, "mlp"
     fusion, adapted LLM layers 0 and 2, with processor), `mindmerger` (Llama, XLM-R encoder, no layer fusion,
     LayAlign-only: its bases saved in `bases-saved/`, then moved to `bases/` and given through `hf_overrides`),
     `qwen2` (Qwen2, XLM-R encoder, every layer adapted), `qwen3` (Qwen3, a Llama as decoder-only encoder, layers 1
-    and 2 adapted) and `mistral` (Mistral with a sliding window of 8, NLLB encoder, every layer adapted;
-    LayAlign-only, its encoder base a whole M2M100 model, as NLLB's are published)."""
+    and 2 adapted), `mistral` (Mistral with a sliding window of 8, NLLB encoder, every layer adapted;
+    LayAlign-only, its encoder base a whole M2M100 model, as NLLB's are published), `gemma2` (mT5 encoder, layers
+    0 (sliding window) and 1 (full) adapted), `gemma3` (XLM-R encoder, every layer adapted) and `converted` (Llama,
+    mT5, layer 1 adapted: written in the reference code's layout and converted, LayAlign-only)."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("vllm")
     generator = torch.Generator().manual_seed(7)
     specs = {}
     saved_bases = root / "bases-saved"
-    for name, llm, encoder_config, with_processor, kwargs in (
-        ("layalign", "llama", MT5Config(**MT5), True, dict(fusion_structure="mlp", adapted_llm_layers=[0, 2])),
-        ("mindmerger", "llama", XLMRobertaConfig(**XLMR), False, dict(use_layer_fusion=False, bases=saved_bases)),
-        ("qwen2", "qwen2", XLMRobertaConfig(**XLMR), False, {}),
-        ("qwen3", "qwen3", LlamaConfig(**DECODER_ONLY_ENCODER), False, dict(adapted_llm_layers=[1, 2])),
-        ("mistral", "mistral", M2M100Config(**NLLB), False, dict(bases=root / "nllb-bases")),
-    ):  # fmt: skip
-        model = build_checkpoint(root / name, llm, encoder_config, with_processor, **kwargs)
+    models = {
+        name: build_checkpoint(root / name, llm, encoder_config, name == "layalign", **kwargs)
+        for name, llm, encoder_config, kwargs in (
+            ("layalign", "llama", MT5Config(**MT5), dict(fusion_structure="mlp", adapted_llm_layers=[0, 2])),
+            ("mindmerger", "llama", XLMRobertaConfig(**XLMR), dict(use_layer_fusion=False, bases=saved_bases)),
+            ("qwen2", "qwen2", XLMRobertaConfig(**XLMR), {}),
+            ("qwen3", "qwen3", LlamaConfig(**DECODER_ONLY_ENCODER), dict(adapted_llm_layers=[1, 2])),
+            ("mistral", "mistral", M2M100Config(**NLLB), dict(bases=root / "nllb-bases")),
+            ("gemma2", "gemma2", MT5Config(**MT5), dict(adapted_llm_layers=[0, 1])),
+            ("gemma3", "gemma3_text", XLMRobertaConfig(**XLMR), {}),
+        )
+    }  # fmt: skip
+    models["converted"] = build_converted_checkpoint(root / "converted", root / "converted-bases")
+    for name, model in models.items():
         sources = random_ids([n for n, _ in LENGTHS], ENCODER_VOCAB, generator)
         prompts = random_ids([m for _, m in LENGTHS], LLM_VOCAB, generator)
         requests = [{"source": s, "prompt": p} for s, p in zip(sources, prompts)]
+        references = [greedy(model, r["source"], r["prompt"]) for r in requests]
         specs[name] = {
             "model": str(root / name),
             "max_tokens": MAX_NEW,
+            "logprobs": 1,
             "requests": requests,
-            "reference": [greedy(model, r["source"], r["prompt"]) for r in requests],
+            "reference": [tokens for tokens, _ in references],
+            "reference_logprobs": [logprobs for _, logprobs in references],
         }
-        if with_processor:  # the question as source and (through the template) prompt, as LayAlignProcessor does
+        if name == "layalign":  # the question as source and (through the template) prompt, as LayAlignProcessor does
             processor = LayAlignProcessor.from_pretrained(root / name)
             batch = processor([QUESTION])
             with torch.no_grad():
@@ -276,21 +318,37 @@ def offline_results(checkpoints, demo_checkpoints, tmp_path_factory) -> dict:
     run = subprocess.run(
         [str(SERVING_PYTHON), str(REPO / "tests" / "serving" / "vllm_runner.py"), str(folder / "spec.json"),
          str(folder / "results.json")],
-        env=serving_env(), cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**serving_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, cwd=REPO, capture_output=True, text=True,
+        timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, f"vllm_runner.py failed:\n{run.stderr[-6000:]}"
     return json.loads((folder / "results.json").read_text())
 
 
+def assert_served_as_generated(spec: dict, results: dict) -> None:
+    """vLLM's greedy tokens are `generate`'s, each with its log-probability to 1e-4 (float32 on both sides)."""
+    assert results["greedy"] == spec["reference"]
+    served = [
+        [dict(map(tuple, step))[token] for step, token in zip(steps, tokens)]
+        for steps, tokens in zip(results["logprobs"], results["greedy"])
+    ]
+    torch.testing.assert_close(torch.tensor(served), torch.tensor(spec["reference_logprobs"]), atol=1e-4, rtol=0)
+
+
 def test_greedy_tokens_equal_generate_in_one_batch(checkpoints, offline_results):
     """Three requests with different source and prompt lengths in one batch, LayAlign mode (mT5, mlp fusion)."""
-    assert offline_results["layalign"]["greedy"] == checkpoints["layalign"]["reference"]
+    assert_served_as_generated(checkpoints["layalign"], offline_results["layalign"])
+
+
+def test_a_converted_reference_checkpoint_is_served_as_generate_runs_it(checkpoints, offline_results):
+    """A checkpoint of the reference code (pickled, float16, Llama + mT5), converted to a LayAlign-only one."""
+    assert_served_as_generated(checkpoints["converted"], offline_results["converted"])
 
 
 def test_greedy_tokens_equal_generate_mindmerger_mode(checkpoints, offline_results):
     """MindMerger mode (no fused attention), XLM-R encoder; a LayAlign-only checkpoint whose bases come from
     `hf_overrides` (its tokenizer from the LLM base)."""
-    assert offline_results["mindmerger"]["greedy"] == checkpoints["mindmerger"]["reference"]
+    assert_served_as_generated(checkpoints["mindmerger"], offline_results["mindmerger"])
 
 
 def test_layalign_only_checkpoint_refuses_wrong_bases(offline_results):
@@ -304,12 +362,13 @@ def test_layalign_only_checkpoint_refuses_wrong_bases(offline_results):
     assert errors["right_bases"] is None
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral", "gemma2", "gemma3"])
 def test_greedy_tokens_equal_generate_other_families(name, checkpoints, offline_results):
     """Qwen2 (no BOS; q/k/v biases, so the gate must scale the projected values), Qwen3 (per-head norms of the
-    queries and keys, the fused keys normed too; a decoder-only encoder) and Mistral (a sliding window shorter than
-    the requests; NLLB's encoder, read from a whole M2M100 base)."""
-    assert offline_results[name]["greedy"] == checkpoints[name]["reference"]
+    queries and keys, the fused keys normed too; a decoder-only encoder), Mistral (a sliding window shorter than
+    the requests; NLLB's encoder, read from a whole M2M100 base), Gemma 2 (scaled embeddings, soft-capping, sliding
+    and full layers) and Gemma 3 (per-head norms, RoPE per layer type)."""
+    assert_served_as_generated(checkpoints[name], offline_results[name])
 
 
 def test_seeded_sampling_is_reproducible(offline_results):
@@ -326,7 +385,7 @@ def test_request_without_source_is_refused(offline_results):
 
 def test_unsupported_checkpoints_are_named(offline_results):
     errors = offline_results["config_errors"]
-    assert "LLM family 'gemma2'" in errors["llm_family"] and "'llama'" in errors["llm_family"]
+    assert "LLM family 'phi3'" in errors["llm_family"] and "'gemma3_text'" in errors["llm_family"]
     assert "encoder family 'gpt2'" in errors["encoder_family"] and "mt5" in errors["encoder_family"]
     assert "field `encoder_name_or_path`" in errors["missing_base"] and "hf_overrides" in errors["missing_base"]
 

@@ -3,7 +3,11 @@
     <serving python> tests/serving/vllm_runner.py <spec.json> <results.json>
 
 The spec lists checkpoints, each with its requests, engine settings (`hf_overrides`, `max_model_len`) and the checks
-to run; one `vllm.LLM` is started per checkpoint, all in this one process (each start costs 20-45 s on a small CPU).
+to run; one `vllm.LLM` is started per checkpoint, all in this one process, each with its engine core and worker in
+this process too (the test sets `VLLM_ENABLE_V1_MULTIPROCESSING=0`; the "uni" executor): a start then takes 2-5 s on
+a small CPU instead of 20-45 s spent spawning and importing two processes. The multi-process path (front end, engine
+core, worker) is what the server test runs.
+
 The results file holds, per checkpoint, the greedy tokens of the requests sent as one batch (with the top
 `logprobs` of each step on request), seeded samples drawn twice, and the error a request without a source gets;
 plus the plugin's configuration errors, and for a LayAlign-only checkpoint the errors of wrong bases (all checked
@@ -30,6 +34,7 @@ ENGINE_ARGS = dict(
     max_num_seqs=4,
     max_num_batched_tokens=256,
     seed=0,
+    distributed_executor_backend="uni",
 )
 
 
@@ -85,7 +90,7 @@ def run_checkpoint(spec: dict) -> dict:
 
 def config_errors() -> dict:
     """The errors of checkpoints the plugin cannot serve (checked without starting an engine)."""
-    llm = {"model_type": "gemma2", "num_hidden_layers": 2}
+    llm = {"model_type": "phi3", "num_hidden_layers": 2}
     return {
         "llm_family": error_of(lambda: check_servable(LayAlignVllmConfig(text_config=llm))),
         "encoder_family": error_of(
