@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.layernorm import GemmaRMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -107,8 +108,11 @@ class LayAlignGemmaDecoderLayer(nn.Module):
         return hidden_states, residual
 
 
+@support_torch_compile
 class LayAlignGemmaModel(nn.Module):
-    """Scaled token embeddings, the decoder layers (`layer_type(vllm_config=..., prefix=...)`) and the final norm."""
+    """Scaled token embeddings, the decoder layers (`layer_type(vllm_config=..., prefix=...)`) and the final norm.
+
+    Compiled by vLLM unless `enforce_eager` (as its Gemma models and Llama model are, ours with the fused sources)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layer_type: type[nn.Module]):
         super().__init__()

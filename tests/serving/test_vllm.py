@@ -426,12 +426,13 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def server(checkpoints, tmp_path_factory):
-    """The OpenAI-compatible server on the LayAlign checkpoint, with the endpoint plugin, on a free localhost port."""
+    """The OpenAI-compatible server on the LayAlign checkpoint, with the endpoint plugin, on a free localhost port;
+    with vLLM's default compilation (the offline engines run eager): the compiled model must give the same tokens."""
     port = free_port()
     log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
     process = subprocess.Popen(
         [str(SERVING_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoints["layalign"]["model"],
-         "--host", "127.0.0.1", "--port", port, "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
+         "--host", "127.0.0.1", "--port", port, "--dtype", "float32", "--max-model-len", "256",
          "--max-num-seqs", "4", "--max-num-batched-tokens", "256", "--seed", "0"],
         env={**serving_env(), "VLLM_PLUGINS": "layalign"}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
