@@ -18,11 +18,11 @@ Llama, Mistral, Qwen2 and Qwen3; our own assembly of vLLM's Gemma parts for Gemm
 The LayAlign modules keep our state-dict names (`modeling_layalign/modules_layalign.py`), so the checkpoints that
 `LayAlignForCausalLM.save_pretrained(..., checkpoint_format="full")` writes load as they are.
 
-Tested against `generate` (tests/serving/test_vllm.py) on CPU, eager mode, float32. Assumptions and limits:
-`forward` matches `encoder_outputs` to the starting requests (tokens of position 0) in batch order, which holds for
-vLLM's V1 runner on CPU (no prefill reordering, no chunked prefill for encoder-decoder models) and is checked by
-count; the encoder runs one request at a time (no padded batch). A LayAlign-only checkpoint's bases are read from
-the folders its config names (or `hf_overrides`) after its own weights, and checked against it (`bases.py`).
+Tested against `generate` (tests/serving/test_vllm.py) on CPU, float32, eager and compiled. Assumptions and
+limits: `forward` matches `encoder_outputs` to the starting requests (tokens of position 0) in batch order, which
+holds for vLLM's V1 runner on CPU (no prefill reordering, no chunked prefill for encoder-decoder models) and is
+checked by count. A LayAlign-only checkpoint's bases are read from the folders its config names (or
+`hf_overrides`) after its own weights, and checked against it (`bases.py`).
 """
 
 import copy
@@ -32,6 +32,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
@@ -63,7 +64,7 @@ class LayAlignInputMapping(nn.Module):
         self.down = nn.Linear(2 * encoder_hidden_size, llm_hidden_size)
 
     def forward(self, encoder_states: torch.Tensor) -> torch.Tensor:
-        """`(encoder_len, d_enc)` -> `(encoder_len, d_llm)`."""
+        """`(batch, encoder_len, d_enc)` -> `(batch, encoder_len, d_llm)`."""
         return self.down(F.relu(self.up(encoder_states)))
 
 
@@ -93,7 +94,7 @@ class LayAlignLayerFusion(nn.Module):
         self.refine = nn.Linear(llm_hidden_size, llm_hidden_size) if structure == "mlp" else None
 
     def forward(self, encoder_layers: torch.Tensor) -> torch.Tensor:
-        """`(encoder_len, d_enc, N_enc)` -> `(encoder_len, 2M, d_llm)`."""
+        """`(batch, encoder_len, d_enc, N_enc)` -> `(batch, encoder_len, 2M, d_llm)`."""
         fused = self.projection(F.relu(self.layer_mix(encoder_layers)).transpose(-1, -2))
         return fused if self.refine is None else self.refine(F.relu(fused))
 
@@ -174,7 +175,11 @@ class LayAlignForConditionalGeneration(nn.Module, SupportsMultiModal):
 
     @torch.inference_mode()
     def embed_multimodal(self, source_ids: list[torch.Tensor], **kwargs) -> list[torch.Tensor]:
-        """Encodes each request's source; `modeling_layalign.LayAlignForCausalLM.encode` for one unpadded source.
+        """Encodes the sources of the requests that start in this step; `modeling_layalign.LayAlignForCausalLM.encode`.
+
+        The sources run as one batch, right-padded and masked: every encoder family of ours reads its real tokens
+        unchanged by padding on the right (masked keys; positions that start at each source's first token, or that
+        skip the pad id, NLLB's and XLM-R's; causal attention in decoder-only encoders).
 
         Args:
             source_ids: one `(encoder_len,)` tensor of encoder token ids per request.
@@ -183,19 +188,21 @@ class LayAlignForConditionalGeneration(nn.Module, SupportsMultiModal):
             one `(encoder_len, d_llm * (use_input_mapping + 2M))` tensor per request: the mapped final states, then
             the fusion's `2M` sources flattened (source `2m` feeds the keys of adapted layer `m`, `2m + 1` its values).
         """
-        outputs = []
-        for ids in source_ids:
-            ids = ids.reshape(1, -1).long()
-            encoded = self.encoder(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
-            parts = []
-            if self.input_mapping is not None:
-                parts.append(self.input_mapping(encoded.last_hidden_state[0]))
-            if self.fusion is not None:
-                hidden_states = encoded.hidden_states
-                layers = torch.stack([hidden_states[index][0] for index in self.config.fused_encoder_layers], -1)
-                parts.append(self.fusion(layers).flatten(1))
-            outputs.append(torch.cat(parts, dim=-1))
-        return outputs
+        lengths = [ids.numel() for ids in source_ids]
+        pad_id = self.config.encoder_config.pad_token_id
+        batch = pad_sequence(
+            [ids.reshape(-1).long() for ids in source_ids], batch_first=True, padding_value=pad_id or 0
+        )
+        mask = (torch.arange(batch.shape[1], device=batch.device) < torch.tensor(lengths, device=batch.device)[:, None])
+        encoded = self.encoder(input_ids=batch, attention_mask=mask.long(), output_hidden_states=True)
+        parts = []
+        if self.input_mapping is not None:
+            parts.append(self.input_mapping(encoded.last_hidden_state))
+        if self.fusion is not None:
+            layers = torch.stack([encoded.hidden_states[index] for index in self.config.fused_encoder_layers], -1)
+            parts.append(self.fusion(layers).flatten(2))
+        rows = torch.cat(parts, dim=-1)
+        return [request_rows[:length] for request_rows, length in zip(rows, lengths)]
 
     def embed_input_ids(
         self, input_ids: torch.Tensor, multimodal_embeddings=None, *, is_multimodal=None
