@@ -2,6 +2,7 @@
 
     python benchmarks/bench_vllm.py                          # from .venv; vLLM runs in .venv-vllm
     python benchmarks/bench_vllm.py --llm_alone              # and the control: the LLM alone through both
+    python benchmarks/bench_vllm.py --compiled               # vLLM's engines compiled (its default), not eager
     python benchmarks/bench_vllm.py --batches 1 8 --new_tokens 16 --json results/vllm.json
 
 The shipped `checkpoints/demo-stage2` (LayAlign-only) over the demo models (multilingual-e5-small, SmolLM2-135M-
@@ -49,6 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--llm_alone", action="store_true",
         help="Also time the control: the LLM alone, through vLLM and through its generate, on prompts as long as "
         "LayAlign's whole sequences (what vLLM gains on this machine without the plugin).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compiled", action="store_true",
+        help="Run vLLM's engines with its default compilation (torch.compile) instead of eager (`enforce_eager`).",
     )  # fmt: skip
     parser.add_argument("--json", help="Also write the results to this file.")
     parser.add_argument("--vllm_side", nargs=2, metavar=("SPEC", "RESULTS"), help=argparse.SUPPRESS)
@@ -138,7 +143,7 @@ def time_vllm(spec: dict) -> dict:
         # from the cache.
         longest = max(len(r["source"]) + len(r["prompt"]) for r in spec["requests"]) + 2 + spec["new_tokens"]
         return LLM(
-            model=model, dtype="float32", enforce_eager=True, max_model_len=longest,
+            model=model, dtype="float32", enforce_eager=not spec["compiled"], max_model_len=longest,
             max_num_seqs=max(spec["batches"]), max_num_batched_tokens=longest * max(spec["batches"]), seed=0,
             enable_prefix_caching=False, **kwargs,
         )  # fmt: skip
@@ -169,7 +174,7 @@ def run_vllm_side(requests: list[dict], args: argparse.Namespace, bases: dict) -
     if not SERVING_PYTHON.is_file():
         sys.exit(f"No vLLM serving environment at {SERVING_PYTHON}: run `bash scripts/install_vllm.sh`.")
     spec = {"model": str(CHECKPOINT), "hf_overrides": bases, "requests": requests, "batches": args.batches,
-            "new_tokens": args.new_tokens, "llm_alone": args.llm_alone}  # fmt: skip
+            "new_tokens": args.new_tokens, "llm_alone": args.llm_alone, "compiled": args.compiled}  # fmt: skip
     environment = {
         **os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB,
         "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
@@ -220,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     contenders = [("LayAlign", reference, served)]
     if args.llm_alone:
         contenders.append(("LLM alone (control)", reference["llm_alone"], served["llm_alone"]))
-    rows, results = [], {"new_tokens": args.new_tokens, "threads": args.threads, "batches": {}}
+    rows = []
+    results = {"new_tokens": args.new_tokens, "threads": args.threads, "compiled": args.compiled, "batches": {}}
     for name, ours, theirs in contenders:
         for batch in args.batches:
             sides = {"generate": rates(ours, batch, args.new_tokens), "vllm": rates(theirs, batch, args.new_tokens)}
@@ -238,8 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"\nLayAlign demo-stage2 (multilingual-e5-small + SmolLM2-135M-Instruct, float32), {args.new_tokens} new "
         f"tokens per request, one core each; sources of {min(source_lengths)}-{max(source_lengths)} encoder tokens, "
-        f"prompts of {min(prompt_lengths)}-{max(prompt_lengths)} tokens; vLLM engine start "
-        f"{served['startup_seconds']:.0f} s (not timed)"
+        f"prompts of {min(prompt_lengths)}-{max(prompt_lengths)} tokens; vLLM "
+        f"{'compiled' if args.compiled else 'eager'}, engine start {served['startup_seconds']:.0f} s (not timed)"
     )
     print("| model | batch | generate tokens/s | vLLM tokens/s | vLLM / generate | first token, s: generate / vLLM "
           "| decoding tokens/s: generate / vLLM |")  # fmt: skip
