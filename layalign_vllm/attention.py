@@ -6,8 +6,8 @@ embedding on them) through a separate softmax, and the result is added to the se
 once per request, by the layer's own frozen key and value maps, and kept in vLLM's cross-attention KV cache.
 
 [`FusedBranchAttention`] adds the branch to a vLLM attention class whose forward is `qkv_proj` -> split -> the
-family's query/key norms -> RoPE -> attention -> `o_proj`: Llama's here (and Qwen3's norms on it), Gemma's in
-`gemma.py`. Which class a family uses is in `families.LLM_FAMILIES`.
+family's query/key norms ([`PerHeadNorms`] where there are some) -> RoPE -> attention -> `o_proj`: Llama's here (and
+Qwen3's norms on it), Gemma's in `gemma.py`. Which class a family uses is in `families.LLM_FAMILIES`.
 """
 
 import copy
@@ -100,20 +100,19 @@ class FusedAttention(nn.Module):
 
 
 class FusedBranchAttention(nn.Module):
-    """Mixin for a vLLM attention class (`qkv_proj`, `rotary_emb`, `attn`, `o_proj`): its forward with the fused
-    branch added before `o_proj` in the adapted layers. Subclasses call [`add_fused_branch`] after building the
-    attention, and override the two norm hooks where their family norms queries and keys."""
+    """Mixin for a vLLM attention class (`qkv_proj`, `rotary_emb`, `attn`, `o_proj`), listed before it: built with
+    the class's own keyword arguments plus `slots` (LLM layer index -> adapted slot), it gives the layer at `prefix`
+    its fused branch if `slots` names it (soft-capped as the class's `attn_logits_soft_cap`, where it has one), and
+    its forward adds the branch before `o_proj`. Families that norm queries and keys override the two norm hooks."""
 
-    fused: FusedAttention | None
-
-    def add_fused_branch(
-        self, slots: Mapping[int, int], prefix: str, cache_config, logits_soft_cap: float | None = None
-    ) -> None:
-        """Gives the layer at `prefix` its fused branch if `slots` (LLM layer index -> adapted slot) names it."""
+    def __init__(self, *args, slots: Mapping[int, int], **kwargs):
+        super().__init__(*args, **kwargs)
+        prefix = kwargs["prefix"]
         slot = slots.get(extract_layer_index(prefix))
         self.fused = None
         if slot is not None:
-            self.fused = FusedAttention(self, slot, cache_config, f"{prefix}.fused", logits_soft_cap)
+            soft_cap = kwargs.get("attn_logits_soft_cap")
+            self.fused = FusedAttention(self, slot, kwargs.get("cache_config"), f"{prefix}.fused", soft_cap)
 
     def norm_queries_and_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the family does to the projected queries and keys before RoPE: nothing by default."""
@@ -140,7 +139,19 @@ class FusedBranchAttention(nn.Module):
         return output
 
 
-def per_head(norm: nn.Module, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+class PerHeadNorms:
+    """Mixin for a [`FusedBranchAttention`] with a norm over each head of the queries (`q_norm`) and of the keys
+    (`k_norm`) before RoPE (Qwen3, Gemma 3); the fused keys go through `k_norm` too
+    (`attention_layalign.LLM_FAMILIES`)."""
+
+    def norm_queries_and_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _per_head(self.q_norm, q, self.head_dim), self.norm_keys(k)
+
+    def norm_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        return _per_head(self.k_norm, keys, self.head_dim)
+
+
+def _per_head(norm: nn.Module, x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """`norm` over each head of `x`, `(num_tokens, num_heads * head_dim)`."""
     return norm(x.view(*x.shape[:-1], -1, head_dim)).view(x.shape)
 
@@ -148,27 +159,16 @@ def per_head(norm: nn.Module, x: torch.Tensor, head_dim: int) -> torch.Tensor:
 class LayAlignLlamaAttention(FusedBranchAttention, LlamaAttention):
     """vLLM's Llama attention; in adapted layers, plus the fused branch before `o_proj`."""
 
-    def __init__(self, *args, slots: Mapping[int, int], **kwargs):
-        super().__init__(*args, **kwargs)
-        self.add_fused_branch(slots, kwargs["prefix"], kwargs.get("cache_config"))
 
-
-class LayAlignQwen3Attention(LayAlignLlamaAttention):
-    """Qwen3's attention on vLLM's Llama one: an RMSNorm over each head of the queries and of the keys before RoPE
-    (`q_norm`, `k_norm`, loaded by these names, as vLLM's `Qwen3Attention` has them). The fused keys go through
-    `k_norm` too (`attention_layalign.LLM_FAMILIES["qwen3"]`)."""
+class LayAlignQwen3Attention(PerHeadNorms, LayAlignLlamaAttention):
+    """Qwen3's attention on vLLM's Llama one: its per-head RMSNorms `q_norm` and `k_norm` (loaded by these names,
+    as vLLM's `Qwen3Attention` has them) added here."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         epsilon = kwargs["config"].rms_norm_eps
         self.q_norm = RMSNorm(self.head_dim, eps=epsilon)
         self.k_norm = RMSNorm(self.head_dim, eps=epsilon)
-
-    def norm_queries_and_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return per_head(self.q_norm, q, self.head_dim), self.norm_keys(k)
-
-    def norm_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        return per_head(self.k_norm, keys, self.head_dim)
 
 
 class LayAlignLlamaDecoderLayer(LlamaDecoderLayer):

@@ -30,30 +30,16 @@ from vllm.model_executor.models.gemma2 import Gemma2Attention, Gemma2ForCausalLM
 from vllm.model_executor.models.gemma3 import Gemma3Attention, Gemma3MLP
 from vllm.model_executor.models.utils import AutoWeightsLoader, make_layers, maybe_prefix
 
-from .attention import FusedBranchAttention, norm_and_attend, per_head
+from .attention import FusedBranchAttention, PerHeadNorms, norm_and_attend
 
 
 class LayAlignGemma2Attention(FusedBranchAttention, Gemma2Attention):
     """vLLM's Gemma 2 attention; in adapted layers, plus the fused branch before `o_proj`, soft-capped alike."""
 
-    def __init__(self, *args, slots: Mapping[int, int], **kwargs):
-        super().__init__(*args, **kwargs)
-        self.add_fused_branch(slots, kwargs["prefix"], kwargs.get("cache_config"), kwargs["attn_logits_soft_cap"])
 
-
-class LayAlignGemma3Attention(FusedBranchAttention, Gemma3Attention):
-    """vLLM's Gemma 3 attention (per-head `q_norm` / `k_norm` before RoPE, RoPE per layer type); the fused keys go
-    through `k_norm` too (`attention_layalign.LLM_FAMILIES["gemma3_text"]`)."""
-
-    def __init__(self, *args, slots: Mapping[int, int], **kwargs):
-        super().__init__(*args, **kwargs)
-        self.add_fused_branch(slots, kwargs["prefix"], kwargs.get("cache_config"), kwargs["attn_logits_soft_cap"])
-
-    def norm_queries_and_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return per_head(self.q_norm, q, self.head_dim), self.norm_keys(k)
-
-    def norm_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        return per_head(self.k_norm, keys, self.head_dim)
+class LayAlignGemma3Attention(PerHeadNorms, FusedBranchAttention, Gemma3Attention):
+    """vLLM's Gemma 3 attention (per-head `q_norm` / `k_norm` before RoPE, RoPE per layer type), plus the fused
+    branch."""
 
 
 class LayAlignGemmaDecoderLayer(nn.Module):

@@ -2,10 +2,10 @@
 
 Checkpoints and reference tokens are built here, in the project's environment; vLLM runs in the serving environment
 (`bash scripts/install_vllm.sh`; the interpreter in `LAYALIGN_VLLM_PYTHON`, default `.venv-vllm/bin/python`) through
-`vllm_runner.py` for the offline checks (nine engines, each inside the runner's process) and `python -m
+`vllm_runner.py` for the offline checks (ten engines, each inside the runner's process) and `python -m
 vllm.entrypoints.openai.api_server` for the server (front end, engine core and worker processes): about 3 minutes on
-a 2-core CPU. Skipped where the serving environment is missing; the
-demo checks, where the demo models' pip packages are (`layalign_demo.prepare_demo_models`).
+a 2-core CPU. Skipped where the serving environment is missing; the demo checks, where the demo models' pip packages
+are (`layalign_demo.prepare_demo_models`).
 
 Full and LayAlign-only checkpoints are both served: the tiny MindMerger one is LayAlign-only, its bases moved after
 saving and given back through `hf_overrides`; so is the shipped `checkpoints/demo-stage2` on the real demo models.
