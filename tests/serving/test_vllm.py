@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import (
     Gemma2Config, Gemma3TextConfig, LlamaConfig, M2M100Config, M2M100Model, MistralConfig, MT5Config, Qwen2Config,
     Qwen3Config, XLMRobertaConfig,
@@ -37,6 +38,7 @@ from modeling_layalign import LayAlignConfig, LayAlignForCausalLM, LayAlignProce
 from modeling_layalign.conversion.convert import convert_reference_checkpoint
 from tests.conftest import free_port, random_ids, train_tiny_tokenizer
 from tests.conversion.test_convert import reference_state_dict
+from tests.test_checkpoint_layalign_round_trips import LORA_TARGET, train_layalign
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -313,7 +315,8 @@ def offline_results(checkpoints, demo_checkpoints, tmp_path_factory) -> dict:
         name: {k: v for k, v in spec.items() if "reference" not in k and k != "margins"}
         for name, spec in {**checkpoints, **demo_checkpoints}.items()
     }
-    spec = {"checkpoints": runs}
+    kept_lora = kept_lora_checkpoint(checkpoints["layalign"], folder / "kept-lora")
+    spec = {"checkpoints": runs, "kept_lora_checkpoint": str(kept_lora)}
     (folder / "spec.json").write_text(json.dumps(spec))
     run = subprocess.run(
         [str(SERVING_PYTHON), str(REPO / "tests" / "serving" / "vllm_runner.py"), str(folder / "spec.json"),
@@ -323,6 +326,15 @@ def offline_results(checkpoints, demo_checkpoints, tmp_path_factory) -> dict:
     )  # fmt: skip
     assert run.returncode == 0, f"vllm_runner.py failed:\n{run.stderr[-6000:]}"
     return json.loads((folder / "results.json").read_text())
+
+
+def kept_lora_checkpoint(spec: dict, folder: Path) -> Path:
+    """The checkpoint of `spec` after a LoRA run saved with its LoRA kept as an adapter (`--merge_lora False`)."""
+    model = LayAlignForCausalLM.from_pretrained(spec["model"])
+    lora = LoraConfig(r=2, target_modules=LORA_TARGET, modules_to_save=list(model.layalign_module_names))
+    processor = LayAlignProcessor.from_pretrained(spec["model"])
+    train_layalign.save_lora_run(get_peft_model(model, lora), processor, folder, merge=False)
+    return folder
 
 
 def assert_served_as_generated(spec: dict, results: dict) -> None:
@@ -388,6 +400,7 @@ def test_unsupported_checkpoints_are_named(offline_results):
     assert "LLM family 'phi3'" in errors["llm_family"] and "'gemma3_text'" in errors["llm_family"]
     assert "encoder family 'gpt2'" in errors["encoder_family"] and "mt5" in errors["encoder_family"]
     assert "field `encoder_name_or_path`" in errors["missing_base"] and "hf_overrides" in errors["missing_base"]
+    assert "keeps a LoRA of its LLM as an adapter" in errors["kept_lora"] and "merge_lora" in errors["kept_lora"]
 
 
 def _first_difference(name: str, spec: dict, results: dict) -> str:

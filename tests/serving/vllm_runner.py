@@ -24,7 +24,7 @@ import torch
 from vllm import LLM, SamplingParams
 
 from layalign_vllm.bases import llm_weights, load_encoder_weights
-from layalign_vllm.configuration import LayAlignVllmConfig, check_servable
+from layalign_vllm.configuration import LayAlignVllmConfig, check_no_kept_lora, check_servable
 
 
 ENGINE_ARGS = dict(
@@ -88,10 +88,11 @@ def run_checkpoint(spec: dict) -> dict:
     return result
 
 
-def config_errors() -> dict:
+def config_errors(kept_lora_checkpoint: str) -> dict:
     """The errors of checkpoints the plugin cannot serve (checked without starting an engine)."""
     llm = {"model_type": "phi3", "num_hidden_layers": 2}
     return {
+        "kept_lora": error_of(lambda: check_no_kept_lora(kept_lora_checkpoint)),
         "llm_family": error_of(lambda: check_servable(LayAlignVllmConfig(text_config=llm))),
         "encoder_family": error_of(
             lambda: check_servable(LayAlignVllmConfig(encoder_config={"model_type": "gpt2", "n_layer": 2}))
@@ -129,7 +130,7 @@ def base_errors(spec: dict) -> dict:
 
 def main(spec_path: str, results_path: str) -> None:
     spec = json.loads(open(spec_path).read())
-    results = {"config_errors": config_errors()}
+    results = {"config_errors": config_errors(spec["kept_lora_checkpoint"])}
     for name, checkpoint in spec["checkpoints"].items():
         if checkpoint.get("base_errors"):
             results[f"{name}_base_errors"] = base_errors(checkpoint)
