@@ -20,6 +20,7 @@ source inside a translation prompt.
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -108,9 +109,12 @@ def train_system(name: str, args: argparse.Namespace) -> Path:
 def stage_two_start(name: str, folder: Path, stage_one: Path = SHIPPED_STAGE_ONE, bases: tuple | None = None) -> Path:
     """The folder stage 2 of system `name` starts from (`--init_from`): the stage-1 checkpoint `stage_one` with a
     processor for the math task. `mindmerger` keeps its input mapping and boundary and drops the fusion and gates, so
-    both systems start from the same input mapping. `bases` (encoder, LLM folders) default to the demo models."""
+    both systems start from the same input mapping. A LoRA that `stage_one` keeps as an adapter (`lora/`) is copied
+    along, for stage 2 to train on (with `--lora_r`). `bases` (encoder, LLM folders) default to the demo models."""
     encoder_dir, llm_dir = (str(path) for path in (bases or prepare_demo_models()))
-    model = LayAlignForCausalLM.from_pretrained(stage_one, encoder_name_or_path=encoder_dir, llm_name_or_path=llm_dir)
+    model = LayAlignForCausalLM.from_pretrained(
+        stage_one, encoder_name_or_path=encoder_dir, llm_name_or_path=llm_dir, load_lora=False
+    )
     if name == "mindmerger":
         model.config.use_layer_fusion = False
         weights = {key: value for key, value in model.state_dict().items() if key.startswith(STAGE_TWO_INPUT_MAPPING)}
@@ -128,6 +132,8 @@ def stage_two_start(name: str, folder: Path, stage_one: Path = SHIPPED_STAGE_ONE
     start = folder / "start"
     model.save_pretrained(start)
     processor.save_pretrained(start)
+    if (lora := train_layalign.kept_lora(stage_one)) is not None:
+        shutil.copytree(lora, start / lora.name, dirs_exist_ok=True)
     return start
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 
 from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
 from modeling_layalign.evaluation.scoring import layalign_target_loss
@@ -16,6 +17,8 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY / "examples"))
 
 import study  # noqa: E402
+
+from .test_checkpoint_layalign_round_trips import LORA_TARGET, train_layalign  # noqa: E402
 
 
 def test_study_records_a_curve_scores_held_out_pairs_and_reports(tiny_base_folders, tmp_path, capsys):
@@ -105,6 +108,24 @@ def test_stage_two_trains_both_systems_from_one_stage_one_and_reports_the_ladder
     mindmerger_sw = next(line for line in printed.splitlines() if line.startswith("| mindmerger | sw |"))
     cells = [cell.strip() for cell in mindmerger_sw.split("|")[1:-1]]
     assert (cells[6], cells[10]) == ("-", "-") and cells[4] != "-"  # (e) and the content share unknown; (c) kept
+
+
+def test_stage_two_starts_with_the_lora_its_stage_one_kept(tiny_base_folders, tiny_layalign_folder, tmp_path):
+    """A stage 1 run with `--merge_lora False`: stage 2 starts from the same model, its LoRA included."""
+    model = LayAlignForCausalLM.from_pretrained(tiny_layalign_folder)
+    lora = LoraConfig(r=2, target_modules=LORA_TARGET, modules_to_save=list(model.layalign_module_names))
+    adapted = get_peft_model(model, lora)
+    for name, weight in adapted.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(weight)  # peft starts B at zero: the LoRA would change nothing
+    processor = LayAlignProcessor.from_pretrained(tiny_layalign_folder)
+    train_layalign.save_lora_run(adapted, processor, tmp_path / "one", merge=False)
+    start = study.stage_two_start("layalign", tmp_path / "two", tmp_path / "one", bases=(tiny_base_folders["encoder"], tiny_base_folders["llm"]))
+    batch = processor(["Amahoro"])
+    with torch.no_grad():
+        logits = [LayAlignForCausalLM.from_pretrained(folder)(**batch).logits for folder in (tmp_path / "one", start)]
+        without_lora = LayAlignForCausalLM.from_pretrained(start, load_lora=False)(**batch).logits
+    assert torch.equal(logits[0], logits[1]) and not torch.equal(logits[1], without_lora)
 
 
 def test_reports_and_ladders_of_nothing_say_what_to_run_first(tmp_path):
