@@ -225,8 +225,8 @@ def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[L
         if kept_lora(model_args.init_from) is not None and not model_args.lora_r:
             raise SystemExit(
                 f"`--init_from` {model_args.init_from} carries a LoRA kept as an adapter (its `{LORA_SUBFOLDER}/` "
-                "folder, from a LoRA run over a quantized LLM or with `--merge_lora False`): pass `--lora_r` to go on training it (it keeps its "
-                "own rank), or start from the checkpoint that run started from."
+                "folder, from a LoRA run over a quantized LLM or with `--merge_lora False`): pass `--lora_r` to go on "
+                "training it (it keeps its own rank), or start from the checkpoint that run started from."
             )
         apply_flags_to_checkpoint(model, model_args)
         processor = LayAlignProcessor.from_pretrained(model_args.init_from)
