@@ -113,14 +113,13 @@ def test_stage_two_trains_both_systems_from_one_stage_one_and_reports_the_ladder
 def test_stage_two_starts_with_the_lora_its_stage_one_kept(tiny_base_folders, tiny_layalign_folder, tmp_path):
     """A stage 1 run with `--merge_lora False`: stage 2 starts from the same model, its LoRA included."""
     model = LayAlignForCausalLM.from_pretrained(tiny_layalign_folder)
-    lora = LoraConfig(r=2, target_modules=LORA_TARGET, modules_to_save=list(model.layalign_module_names))
-    adapted = get_peft_model(model, lora)
-    for name, weight in adapted.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(weight)  # peft starts B at zero: the LoRA would change nothing
+    lora = LoraConfig(  # random B (peft starts it at zero, where the LoRA would change nothing)
+        r=2, target_modules=LORA_TARGET, modules_to_save=list(model.layalign_module_names), init_lora_weights=False
+    )
     processor = LayAlignProcessor.from_pretrained(tiny_layalign_folder)
-    train_layalign.save_lora_run(adapted, processor, tmp_path / "one", merge=False)
-    start = study.stage_two_start("layalign", tmp_path / "two", tmp_path / "one", bases=(tiny_base_folders["encoder"], tiny_base_folders["llm"]))
+    train_layalign.save_lora_run(get_peft_model(model, lora), processor, tmp_path / "one", merge=False)
+    bases = (tiny_base_folders["encoder"], tiny_base_folders["llm"])
+    start = study.stage_two_start("layalign", tmp_path / "two", tmp_path / "one", bases=bases)
     batch = processor(["Amahoro"])
     with torch.no_grad():
         logits = [LayAlignForCausalLM.from_pretrained(folder)(**batch).logits for folder in (tmp_path / "one", start)]
