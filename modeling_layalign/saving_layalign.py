@@ -66,6 +66,9 @@ MODEL_FILE_PATTERNS = (
     "merges.txt",
     "*.tiktoken",
 )
+# `transformers.trainer.TRAINER_STATE_NAME`, in every Trainer checkpoint (not imported: the Trainer module is heavy
+# for the model's remote code).
+TRAINER_STATE_FILE = "trainer_state.json"
 # Hidden folders next to `NAME` during a save: `.NAME.saving-...` holds the new files, `.NAME.old-...` the replaced
 # checkpoint until the new one is in place. The host and process id tell a killed save's folders from a running one's.
 HIDDEN_FOLDER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>saving|old)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]+$")
@@ -145,9 +148,11 @@ def _carry_over(old: Path, new: Path) -> None:
 def describes_a_model(item: Path) -> bool:
     """Whether a file or subfolder of a checkpoint is one that a new save replaces (see `MODEL_FILE_PATTERNS`)."""
     if item.is_dir():
-        # A processor's second tokenizer; a Trainer's `checkpoint-*` folder holds a tokenizer too, and a model.
+        # A processor's second tokenizer. A Trainer's `checkpoint-*` folder holds a tokenizer too, and a model, a peft
+        # adapter (a LoRA run's) or at least its trainer state: it is the run's, not this model's.
         tokenizer = any((item / name).is_file() for name in (TOKENIZER_CONFIG_FILE, PROCESSOR_NAME))
-        return item.name in (CHAT_TEMPLATE_DIR, LORA_SUBFOLDER) or (tokenizer and not (item / CONFIG_NAME).is_file())
+        own_content = any((item / name).is_file() for name in (CONFIG_NAME, ADAPTER_CONFIG_NAME, TRAINER_STATE_FILE))
+        return item.name in (CHAT_TEMPLATE_DIR, LORA_SUBFOLDER) or (tokenizer and not own_content)
     return any(fnmatch.fnmatchcase(item.name, pattern) for pattern in MODEL_FILE_PATTERNS)
 
 

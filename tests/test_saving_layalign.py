@@ -42,14 +42,19 @@ def test_a_resave_replaces_the_old_processor_and_keeps_the_rest(tmp_path, tiny_b
     (folder / "checkpoint-5").mkdir()
     (folder / "checkpoint-5" / "config.json").write_text("{}")
     (folder / "checkpoint-5" / "tokenizer_config.json").write_text("{}")
+    for name in ("adapter_config.json", "tokenizer_config.json", "trainer_state.json"):  # a LoRA run's, peft-saved
+        (folder / "checkpoint-10").mkdir(exist_ok=True)
+        (folder / "checkpoint-10" / name).write_text("{}")
     assert (folder / "chat_template.jinja").is_file() and (folder / "processor_config.json").is_file()
 
     model.save_pretrained(folder)
 
     left = sorted(path.name for path in folder.iterdir())
     assert not {"chat_template.jinja", "processor_config.json", "tokenizer.json", "tokenizer_config.json"} & set(left)
-    assert not [name for name in left if (folder / name).is_dir() and name != "checkpoint-5"]  # the encoder tokenizer
-    assert (folder / "eval_mgsm.json").is_file() and (folder / "checkpoint-5" / "tokenizer_config.json").is_file()
+    kept_folders = {"checkpoint-5", "checkpoint-10"}
+    assert not [name for name in left if (folder / name).is_dir() and name not in kept_folders]  # the encoder tokenizer
+    assert (folder / "eval_mgsm.json").is_file()
+    assert all((folder / name / "tokenizer_config.json").is_file() for name in kept_folders)
     with pytest.raises((OSError, ValueError)):
         AutoTokenizer.from_pretrained(folder)  # nothing stale to load
     LayAlignForCausalLM.from_pretrained(folder)

@@ -74,21 +74,27 @@ def test_logged_loss_is_the_mean_over_every_target_token(tiny_base_folders, tmp_
     assert logged_losses(tmp_path) == [pytest.approx(expected, rel=1e-5)]
 
 
-def test_resumed_training_continues_exactly_where_it_stopped(tiny_base_folders, tmp_path):
+@pytest.mark.parametrize(
+    "run",
+    [("--stage", "1"), ("--stage", "2", "--lora_r", "4"), ("--stage", "2", "--lora_r", "4", "--merge_lora", "False"),
+     ("--stage", "2", "--lora_r", "4", "--quantize", "int8")],
+    ids=["stage-1", "lora-merged", "lora-kept", "lora-over-int8"],
+)  # fmt: skip
+def test_resumed_training_continues_exactly_where_it_stopped(run, tiny_base_folders, tmp_path):
+    """A LoRA run's Trainer checkpoints are peft adapters; they survive the run's final save and resume it exactly."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_layalign.main(arguments(tiny_base_folders, straight, "--stage", "1", "--save_steps", "2", "--max_steps", "5"))
+    run = (*run, "--save_steps", "2", "--max_steps", "5")
+    train_layalign.main(arguments(tiny_base_folders, straight, *run))
+    assert {path.name for path in straight.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4", "checkpoint-5"}
     train_layalign.main(
-        arguments(
-            tiny_base_folders,
-            resumed,
-            "--stage", "1", "--save_steps", "2", "--max_steps", "5",
-            "--resume_from_checkpoint", str(straight / "checkpoint-2"),
-        )
-    )  # fmt: skip
-    expected, actual = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
-    assert expected.keys() == actual.keys()
-    for key in expected:
-        assert torch.equal(expected[key], actual[key]), key
+        arguments(tiny_base_folders, resumed, *run, "--resume_from_checkpoint", str(straight / "checkpoint-2"))
+    )
+    weights = ["model.safetensors", *(["lora/adapter_model.safetensors"] if (straight / "lora").is_dir() else [])]
+    for name in weights:
+        expected, actual = load_file(straight / name), load_file(resumed / name)
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            assert torch.equal(expected[key], actual[key]), f"{name}: {key}"
     # The resumed run carries the first two steps over from the checkpoint and logs the same last three.
     assert logged_losses(resumed) == logged_losses(straight)
 
