@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from layalign_demo import ENCODER_TEXT_PREFIX, prepare_demo_models
+from peft import PeftModel
 from transformers import AutoTokenizer, TrainerCallback
 
 from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
@@ -164,9 +165,20 @@ def stage_two_checkpoints(folder: Path, up_to: int | None = None) -> dict[int, P
 
 
 def load_for_ladder(folder: Path, bases: tuple | None) -> tuple[LayAlignForCausalLM, LayAlignProcessor]:
-    """A checkpoint and its processor, set to cut neither a source nor an answer."""
+    """A checkpoint and its processor, set to cut neither a source nor an answer.
+
+    A LoRA run's Trainer checkpoint (`checkpoint-N`) is a peft adapter, the LoRA and the LayAlign modules' trained
+    copies, over the run's start (`start/` beside it, without any LoRA it keeps: the adapter trained that one on): it
+    is attached there and merged, as the run's final save merges it.
+    """
     encoder_dir, llm_dir = (str(path) for path in (bases or prepare_demo_models()))
-    model = LayAlignForCausalLM.from_pretrained(folder, encoder_name_or_path=encoder_dir, llm_name_or_path=llm_dir)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        start = LayAlignForCausalLM.from_pretrained(
+            folder.parent / "start", encoder_name_or_path=encoder_dir, llm_name_or_path=llm_dir, load_lora=False
+        )
+        model = train_layalign.merge_lora(PeftModel.from_pretrained(start, folder))
+    else:
+        model = LayAlignForCausalLM.from_pretrained(folder, encoder_name_or_path=encoder_dir, llm_name_or_path=llm_dir)
     processor = LayAlignProcessor.from_pretrained(folder)
     processor.max_source_length, processor.max_length = 512, 4096
     return model, processor

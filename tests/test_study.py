@@ -127,6 +127,23 @@ def test_stage_two_starts_with_the_lora_its_stage_one_kept(tiny_base_folders, ti
     assert torch.equal(logits[0], logits[1]) and not torch.equal(logits[1], without_lora)
 
 
+def test_the_ladder_reads_the_checkpoints_of_a_lora_run(tiny_base_folders, tiny_layalign_folder, tmp_path):
+    """A LoRA run's `checkpoint-N` folders are peft adapters over the run's start: the last one gives the final model."""
+    bases = (tiny_base_folders["encoder"], tiny_base_folders["llm"])
+    args = Namespace(
+        output_dir=str(tmp_path), stage_one=tiny_layalign_folder, bases=bases, max_steps=2, batch_size=2, eval_every=1,
+        max_length=64, max_source_length=32,
+        train_args=["--bf16", "False", "--max_train_examples", "4", "--lora_r", "2", "--learning_rate", "1e-2"],
+    )  # fmt: skip
+    folder = study.train_stage_two("layalign", args)
+    assert (folder / "checkpoint-2" / "adapter_config.json").is_file()
+    batch = LayAlignProcessor.from_pretrained(folder)(["Amahoro"], targets=["Peace"])
+    with torch.no_grad():
+        last, final, start = (study.load_for_ladder(folder / name, bases)[0](**batch).logits for name in ("checkpoint-2", ".", "start"))
+    torch.testing.assert_close(last, final, rtol=0, atol=1e-5)
+    assert not torch.allclose(last, start, atol=1e-3)  # trained: not the start again
+
+
 def test_reports_and_ladders_of_nothing_say_what_to_run_first(tmp_path):
     with pytest.raises(SystemExit, match="No finished stage-1 system in .*: run the study without `--report` first"):
         study.report(tmp_path, ["ja"])
