@@ -109,6 +109,13 @@ def check_servable(config: LayAlignVllmConfig) -> None:
         )
     if config.checkpoint_format == LAYALIGN_ONLY:
         check_bases(config)
+    if (quantization := getattr(config.text_config, "quantization_config", None)) is not None:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
+        logger.warning(
+            "This LayAlign checkpoint was trained over a %s-quantized LLM; the vLLM plugin serves the LLM's "
+            "full-precision weights, so its answers can differ a little from the trained model's.",
+            method,
+        )
 
 
 def check_no_kept_lora(model: str) -> None:

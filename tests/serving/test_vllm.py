@@ -403,6 +403,12 @@ def test_unsupported_checkpoints_are_named(offline_results):
     assert "keeps a LoRA of its LLM as an adapter" in errors["kept_lora"] and "merge_lora" in errors["kept_lora"]
 
 
+def test_a_checkpoint_trained_over_a_quantized_llm_is_served_with_a_warning(offline_results):
+    warnings = offline_results["config_warnings"]
+    assert warnings["plain_llm"] == []
+    assert len(warnings["quantized_llm"]) == 1 and "trained over a quanto-quantized LLM" in warnings["quantized_llm"][0]
+
+
 def _first_difference(name: str, spec: dict, results: dict) -> str:
     """Where vLLM's greedy tokens first leave `generate`'s, with both sides' log-probability margins there."""
     lines = []

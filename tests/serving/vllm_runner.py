@@ -17,6 +17,7 @@ without starting an engine). Nothing is compared here: the test compares.
 import copy
 import gc
 import json
+import logging
 import sys
 import time
 
@@ -109,6 +110,24 @@ def config_errors(kept_lora_checkpoint: str) -> dict:
     }
 
 
+def config_warnings() -> dict:
+    """What `check_servable` logs as a warning for a checkpoint trained over a quantized LLM, and for one that was not."""
+    logged = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logger = logging.getLogger("layalign_vllm.configuration")
+    logger.addHandler(handler)
+    warnings = {}
+    try:
+        for name, llm in {"quantized_llm": {"quantization_config": {"quant_method": "quanto"}}, "plain_llm": {}}.items():
+            logged.clear()
+            check_servable(LayAlignVllmConfig(text_config={"model_type": "llama", **llm}))
+            warnings[name] = list(logged)
+    finally:
+        logger.removeHandler(handler)
+    return warnings
+
+
 def base_errors(spec: dict) -> dict:
     """The errors a LayAlign-only checkpoint gets over wrong bases: the encoder given as its LLM (other family), and
     bases whose weights differ from the checkpoint's fingerprints (checked as the model reads them)."""
@@ -130,7 +149,7 @@ def base_errors(spec: dict) -> dict:
 
 def main(spec_path: str, results_path: str) -> None:
     spec = json.loads(open(spec_path).read())
-    results = {"config_errors": config_errors(spec["kept_lora_checkpoint"])}
+    results = {"config_errors": config_errors(spec["kept_lora_checkpoint"]), "config_warnings": config_warnings()}
     for name, checkpoint in spec["checkpoints"].items():
         if checkpoint.get("base_errors"):
             results[f"{name}_base_errors"] = base_errors(checkpoint)
