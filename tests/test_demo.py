@@ -42,3 +42,15 @@ def test_ladder_rows_compare_each_stage_two_model_with_the_llm_alone(tiny_layali
         assert cells[5] == f"{(in_language - real) / (in_language - english):.0%}"
         assert cells[6] == f"{(shuffled - real) / (other_english - english):.0%}"
     assert rows[0][4:6] != rows[2][4:6]  # each model's own rungs (c), (d); the LLM's (a), (b) are shared
+
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_demo_trains_in_float32_on_a_cpu_without_native_bfloat16(native, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    runs = []
+    monkeypatch.setattr(demo.train_layalign, "main", runs.append)
+    demo.train(1, tmp_path, 2, 8)
+    training_args = demo.train_layalign.parse_arguments(runs[0])[2]
+    assert training_args.bf16 is native  # the preset's bf16 autocast where the CPU has it in hardware
