@@ -109,12 +109,12 @@ def check_servable(config: LayAlignVllmConfig) -> None:
         )
     if config.checkpoint_format == LAYALIGN_ONLY:
         check_bases(config)
+    # The checkpoint's `text_config.quantization_config`, as its config.json holds it (a dict).
     if (quantization := getattr(config.text_config, "quantization_config", None)) is not None:
-        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization.quant_method
         logger.warning(
             "This LayAlign checkpoint was trained over a %s-quantized LLM; the vLLM plugin serves the LLM's "
             "full-precision weights, so its answers can differ a little from the trained model's.",
-            method,
+            quantization.get("quant_method"),
         )
 
 
