@@ -27,6 +27,7 @@ import torch
 from layalign_demo import ENCODER_TEXT_PREFIX, prepare_demo_models
 from peft import PeftModel
 from transformers import AutoTokenizer, TrainerCallback
+from transformers.utils import ADAPTER_CONFIG_NAME, CONFIG_NAME
 
 from modeling_layalign import LayAlignForCausalLM, LayAlignProcessor
 from modeling_layalign.evaluation.ladder import LADDER_LANGUAGES, answer_ladder, llm_rungs, load_mgsm_with_answers
@@ -172,7 +173,7 @@ def load_for_ladder(folder: Path, bases: tuple | None) -> tuple[LayAlignForCausa
     is attached there and merged, as the run's final save merges it.
     """
     encoder_dir, llm_dir = (str(path) for path in (bases or prepare_demo_models()))
-    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+    if (folder / ADAPTER_CONFIG_NAME).is_file() and not (folder / CONFIG_NAME).is_file():
         start = LayAlignForCausalLM.from_pretrained(
             folder.parent / "start", encoder_name_or_path=encoder_dir, llm_name_or_path=llm_dir, load_lora=False
         )

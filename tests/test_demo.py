@@ -44,7 +44,6 @@ def test_ladder_rows_compare_each_stage_two_model_with_the_llm_alone(tiny_layali
     assert rows[0][4:6] != rows[2][4:6]  # each model's own rungs (c), (d); the LLM's (a), (b) are shared
 
 
-
 @pytest.mark.parametrize("native", [True, False])
 def test_the_demo_trains_in_float32_on_a_cpu_without_native_bfloat16(native, monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)

@@ -42,8 +42,8 @@ def test_a_resave_replaces_the_old_processor_and_keeps_the_rest(tmp_path, tiny_b
     (folder / "checkpoint-5").mkdir()
     (folder / "checkpoint-5" / "config.json").write_text("{}")
     (folder / "checkpoint-5" / "tokenizer_config.json").write_text("{}")
+    (folder / "checkpoint-10").mkdir()
     for name in ("adapter_config.json", "tokenizer_config.json", "trainer_state.json"):  # a LoRA run's, peft-saved
-        (folder / "checkpoint-10").mkdir(exist_ok=True)
         (folder / "checkpoint-10" / name).write_text("{}")
     assert (folder / "chat_template.jinja").is_file() and (folder / "processor_config.json").is_file()
 

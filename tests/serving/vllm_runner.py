@@ -24,6 +24,7 @@ import time
 import torch
 from vllm import LLM, SamplingParams
 
+from layalign_vllm import configuration
 from layalign_vllm.bases import llm_weights, load_encoder_weights
 from layalign_vllm.configuration import LayAlignVllmConfig, check_no_kept_lora, check_servable
 
@@ -115,8 +116,7 @@ def config_warnings() -> dict:
     logged = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: logged.append(record.getMessage())
-    logger = logging.getLogger("layalign_vllm.configuration")
-    logger.addHandler(handler)
+    configuration.logger.addHandler(handler)
     warnings = {}
     try:
         for name, llm in {"quantized_llm": {"quantization_config": {"quant_method": "quanto"}}, "plain_llm": {}}.items():
@@ -124,7 +124,7 @@ def config_warnings() -> dict:
             check_servable(LayAlignVllmConfig(text_config={"model_type": "llama", **llm}))
             warnings[name] = list(logged)
     finally:
-        logger.removeHandler(handler)
+        configuration.logger.removeHandler(handler)
     return warnings
 
 
