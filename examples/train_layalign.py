@@ -45,6 +45,7 @@ from modeling_layalign.training.warm_start import warm_start_input_mapping
 
 
 REPOSITORY = Path(__file__).resolve().parent.parent
+LORA_BASE_SUBFOLDER = "lora_base"  # the model a LoRA run's Trainer checkpoints (peft adapters) go over
 
 
 logger = logging.get_logger("train_layalign")
@@ -276,21 +277,57 @@ def kept_lora(checkpoint: str | None) -> Path | None:
     return folder if folder is not None and (folder / "adapter_config.json").is_file() else None
 
 
-def add_lora(model: LayAlignForCausalLM, model_args: ModelArguments):
+def add_lora(model: LayAlignForCausalLM, model_args: ModelArguments, base: str | None):
     """Stock peft LoRA on the LLM's attention; the LayAlign modules stay trainable through `modules_to_save`. A LoRA
-    that `--init_from` keeps goes on training instead (with its own configuration)."""
+    that `--init_from` keeps goes on training instead (with its own configuration). `base` (see [`lora_base`]) is
+    what the adapters' `base_model_name_or_path` names."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if (adapter := kept_lora(model_args.init_from)) is not None:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
-    config = LoraConfig(
-        r=model_args.lora_r,
-        lora_alpha=model_args.lora_alpha,
-        target_modules=model_args.lora_target,
-        modules_to_save=list(model.layalign_module_names),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    else:
+        config = LoraConfig(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            target_modules=model_args.lora_target,
+            modules_to_save=list(model.layalign_module_names),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    model.peft_config[model.active_adapter].base_model_name_or_path = base
+    return model
+
+
+def lora_base(
+    model: LayAlignForCausalLM, processor: LayAlignProcessor, model_args: ModelArguments, training_args: TrainingArguments
+) -> str | None:
+    """The model a LoRA run's adapters go over, so that its Trainer checkpoints load as peft loads any adapter.
+
+    Each `checkpoint-N` of a LoRA run is a peft adapter (the LoRA and the trained LayAlign modules), and peft's
+    `AutoPeftModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True)` loads it over the model its
+    `base_model_name_or_path` names. That is the `--init_from` checkpoint; a run from the bases, or one that goes on
+    training the LoRA its `--init_from` keeps (a base without that LoRA), first saves the model as it starts to
+    `<output_dir>/lora_base` (LayAlign-only: a few MB). Local folders are named by absolute path, so a checkpoint
+    loads from any working directory. `None` where no checkpoint is saved, and under ZeRO-3 (its bases are
+    partitioned before the Trainer could gather them; load a checkpoint there with `PeftModel.from_pretrained` over
+    the model built as the run built it).
+    """
+    from accelerate import PartialState
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    from transformers.trainer_utils import SaveStrategy
+
+    if training_args.save_strategy == SaveStrategy.NO:
+        return None
+    if model_args.init_from and kept_lora(model_args.init_from) is None:
+        local = Path(model_args.init_from)
+        return str(local.resolve()) if local.is_dir() else model_args.init_from
+    if is_deepspeed_zero3_enabled():
+        return None
+    folder = Path(training_args.output_dir).resolve() / LORA_BASE_SUBFOLDER
+    if PartialState().is_main_process:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    return str(folder)
 
 
 def training_data(data_args: DataArguments):
@@ -346,7 +383,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Traine
     if model_args.dtype != "float32":
         keep_trainable_in_float32(model, training_args)
     if model_args.lora_r:
-        model = add_lora(model, model_args)
+        model = add_lora(model, model_args, lora_base(model, processor, model_args, training_args))
     dataset = tokenize_for_stage(training_data(data_args), processor, data_args.stage)
     logger.info(f"Stage {data_args.stage}: {len(dataset)} training examples.")
     trainer = Trainer(

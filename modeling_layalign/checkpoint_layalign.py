@@ -296,6 +296,8 @@ class LayAlignCheckpointMixin:
             check_base_fingerprint(model.encoder, config.base_fingerprints["encoder"], "encoder_name_or_path")
             check_base_fingerprint(model.llm, config.base_fingerprints["llm"], "llm_name_or_path")
         model.load_layalign_state_dict({key: value for file in weights_files for key, value in load_state_dict(file).items()})
+        # Where it came from, as `PreTrainedModel.from_pretrained` records it (peft names an adapter's base by it).
+        model.config.name_or_path = model.name_or_path = os.fspath(path)
         generation_file = cached_file(
             path, "generation_config.json", _raise_exceptions_for_missing_entries=False, **download
         )

@@ -117,6 +117,7 @@ def test_layalign_only_checkpoint_round_trip(tmp_path, encoder, llm):
         reloaded = loader.from_pretrained(saved)
         assert type(reloaded) is LayAlignForCausalLM
         assert not reloaded.training
+        assert reloaded.name_or_path == reloaded.config.name_or_path == str(saved)  # as transformers records it
         assert (logits(reloaded, inputs) - expected).abs().max().item() == 0.0
 
 
@@ -133,6 +134,7 @@ def test_full_checkpoint_round_trip(tmp_path):
         for file in (tmp_path / base).iterdir():
             file.unlink()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    assert reloaded.name_or_path == str(tmp_path / "full")
     assert (logits(reloaded, inputs) - expected).abs().max().item() == 0.0
 
 

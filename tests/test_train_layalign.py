@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import AutoPeftModelForCausalLM, PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, TrainerCallback
 
@@ -74,6 +74,13 @@ def test_logged_loss_is_the_mean_over_every_target_token(tiny_base_folders, tmp_
     assert logged_losses(tmp_path) == [pytest.approx(expected, rel=1e-5)]
 
 
+def peft_loaded_logits(checkpoint: Path, batch: dict) -> torch.Tensor:
+    """A LoRA run's Trainer checkpoint loaded as peft loads any adapter: over the base its adapter config names."""
+    model = AutoPeftModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
 @pytest.mark.parametrize(
     "run",
     [("--stage", "1"), ("--stage", "2", "--lora_r", "4"), ("--stage", "2", "--lora_r", "4", "--merge_lora", "False"),
@@ -81,7 +88,8 @@ def test_logged_loss_is_the_mean_over_every_target_token(tiny_base_folders, tmp_
     ids=["stage-1", "lora-merged", "lora-kept", "lora-over-int8"],
 )  # fmt: skip
 def test_resumed_training_continues_exactly_where_it_stopped(run, tiny_base_folders, tmp_path):
-    """A LoRA run's Trainer checkpoints are peft adapters; they survive the run's final save and resume it exactly."""
+    """A LoRA run's Trainer checkpoints are peft adapters; they survive the run's final save, resume it exactly and
+    load with peft."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run = (*run, "--save_steps", "2", "--max_steps", "5")
     train_layalign.main(arguments(tiny_base_folders, straight, *run))
@@ -97,6 +105,11 @@ def test_resumed_training_continues_exactly_where_it_stopped(run, tiny_base_fold
             assert torch.equal(expected[key], actual[key]), f"{name}: {key}"
     # The resumed run carries the first two steps over from the checkpoint and logs the same last three.
     assert logged_losses(resumed) == logged_losses(straight)
+    if "--lora_r" in run:  # the last checkpoint is the final model (merged: to float32 rounding)
+        batch = AutoProcessor.from_pretrained(straight)(["Bata wa Janet"], targets=["Janet"])
+        with torch.no_grad():
+            final = LayAlignForCausalLM.from_pretrained(straight)(**batch).logits
+        torch.testing.assert_close(peft_loaded_logits(straight / "checkpoint-5", batch), final, rtol=0, atol=1e-5)
 
 
 def test_stage_two_starts_from_stage_one(tiny_base_folders, tmp_path):
@@ -201,6 +214,9 @@ def test_a_lora_kept_as_an_adapter_over_a_full_precision_llm_reloads_and_goes_on
     assert any(not torch.equal(adapters[1][key], value) for key, value in adapters[0].items())
     with torch.no_grad():
         assert torch.equal(LayAlignForCausalLM.from_pretrained(tmp_path / "stage2")(**stage_two.batch).logits, stage_two.logits)
+    # Its checkpoints go over the model it started from without stage 1's LoRA (saved in `lora_base/`), not over
+    # stage 1, which would attach that LoRA a second time.
+    torch.testing.assert_close(peft_loaded_logits(tmp_path / "stage2" / "checkpoint-3", stage_two.batch), stage_two.logits)
 
 
 @pytest.mark.parametrize("method", ["int8", "quanto-int8"])
@@ -235,6 +251,9 @@ def test_both_stages_over_a_quantized_llm_reload_as_trained(method, tiny_base_fo
         assert not torch.equal(without_lora(**stage_two.batch).logits, stage_two.logits)
     with pytest.raises(ValueError, match="carries a LoRA adapter"):
         reloaded.save_pretrained(tmp_path / "again")
+    # Its Trainer checkpoints load with peft over stage 1, quantized again.
+    assert not (tmp_path / "stage2" / train_layalign.LORA_BASE_SUBFOLDER).exists()
+    torch.testing.assert_close(peft_loaded_logits(tmp_path / "stage2" / "checkpoint-3", stage_two.batch), stage_two.logits)
 
     # `--init_from` it goes on training the same LoRA, from the same model: at learning rate 0 it ends as it began.
     with pytest.raises(SystemExit, match="pass `--lora_r` to go on training it"):
