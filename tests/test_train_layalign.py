@@ -2,6 +2,7 @@
 sharding engines: test_scaling.py)."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -189,7 +190,9 @@ def test_a_lora_kept_as_an_adapter_over_a_full_precision_llm_reloads_and_goes_on
     train_layalign.main(arguments(tiny_base_folders, tmp_path / "stage1", "--stage", "1", *lora_run), callbacks=[stage_one])
     saved = load_file(tmp_path / "stage1" / "model.safetensors")
     assert not any(key.startswith(("llm.", "encoder.")) for key in saved)  # no base weight: megabytes, not the LLM
-    assert (tmp_path / "stage1" / "lora" / "adapter_model.safetensors").is_file()
+    # The LoRA alone: the LayAlign modules are in the checkpoint's own file, not copied into the adapter's too.
+    assert all(".lora_" in key for key in load_file(tmp_path / "stage1" / "lora" / "adapter_model.safetensors"))
+    assert json.loads((tmp_path / "stage1" / "lora" / "adapter_config.json").read_text())["modules_to_save"] is None
     reloaded = LayAlignForCausalLM.from_pretrained(tmp_path / "stage1")
     assert reloaded.config.checkpoint_format == "layalign_only" and not reloaded.config.modified_bases
     with torch.no_grad():
@@ -212,11 +215,30 @@ def test_a_lora_kept_as_an_adapter_over_a_full_precision_llm_reloads_and_goes_on
     adapters = [load_file(tmp_path / stage / "lora" / "adapter_model.safetensors") for stage in ("stage1", "stage2")]
     assert adapters[0].keys() == adapters[1].keys()  # the same LoRA, trained on
     assert any(not torch.equal(adapters[1][key], value) for key, value in adapters[0].items())
+    modules = [load_file(tmp_path / stage / "model.safetensors") for stage in ("stage1", "stage2")]
+    assert any(not torch.equal(modules[1][key], value) for key, value in modules[0].items())  # and the LayAlign modules
     with torch.no_grad():
         assert torch.equal(LayAlignForCausalLM.from_pretrained(tmp_path / "stage2")(**stage_two.batch).logits, stage_two.logits)
     # Its checkpoints go over the model it started from without stage 1's LoRA (saved in `lora_base/`), not over
     # stage 1, which would attach that LoRA a second time.
     torch.testing.assert_close(peft_loaded_logits(tmp_path / "stage2" / "checkpoint-3", stage_two.batch), stage_two.logits)
+
+    # A kept LoRA saved before 2026-12-07 (peft's own save, with its copies of the LayAlign modules) still loads and
+    # trains on: at learning rate 0 it ends as it began.
+    shutil.copytree(tmp_path / "stage1", tmp_path / "older", ignore=shutil.ignore_patterns("lora", "checkpoint-*"))
+    without_lora = LayAlignForCausalLM.from_pretrained(tmp_path / "stage1", load_lora=False)
+    train_layalign.train_kept_lora(without_lora, tmp_path / "stage1" / "lora").save_pretrained(tmp_path / "older" / "lora")
+    assert any(".lora_" not in key for key in load_file(tmp_path / "older" / "lora" / "adapter_model.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(LayAlignForCausalLM.from_pretrained(tmp_path / "older")(**stage_one.batch).logits, stage_one.logits)
+    train_layalign.main(
+        arguments(
+            tiny_base_folders, tmp_path / "continued", "--stage", "1", "--init_from", str(tmp_path / "older"),
+            "--lora_r", "4", "--merge_lora", "False", "--learning_rate", "0", "--max_steps", "1",
+        )
+    )  # fmt: skip
+    with torch.no_grad():
+        assert torch.equal(LayAlignForCausalLM.from_pretrained(tmp_path / "continued")(**stage_one.batch).logits, stage_one.logits)
 
 
 @pytest.mark.parametrize("method", ["int8", "quanto-int8"])
