@@ -67,6 +67,7 @@ def fill_card(
         "llm": config.llm_name_or_path,
         "trainable_parameters": _trainable_parameters(weights, config),
         "fused_encoder_layers": ", ".join(map(str, config.fused_encoder_layers)),
+        "mapped_encoder_layer": _mapped_encoder_layer(config),
         "adapted_llm_layers": ", ".join(map(str, config.adapted_llm_layers)),
         "fusion_structure": config.fusion_structure,
         "use_input_mapping": config.use_input_mapping,
@@ -76,6 +77,12 @@ def fill_card(
         "repo_id": repo_id or str(model_folder),
     }
     return string.Template((REPOSITORY / "hub_card.md").read_text()).substitute(values)
+
+
+def _mapped_encoder_layer(config) -> str:
+    """The encoder state the input mapping reads (configs saved before 2026-12-07 have no such field: the output)."""
+    layer = getattr(config, "mapped_encoder_layer", None)
+    return "the final output" if layer is None else f"hidden state {layer} (0: the embedding output)"
 
 
 def _base_model_ids(config) -> list[str]:

@@ -96,6 +96,9 @@ class ModelArguments:
     )
     dtype: str = field(default="float32", metadata={"help": "dtype of the loaded models: float32, bfloat16, float16."})
     fused_encoder_layers: list[int] | None = field(default=None, metadata={"help": "Encoder hidden states to fuse."})
+    mapped_encoder_layer: int | None = field(
+        default=None, metadata={"help": "Encoder hidden state the input mapping reads; default the final output."}
+    )
     adapted_llm_layers: list[int] | None = field(default=None, metadata={"help": "LLM layers that get fused attention."})
     fusion_structure: str = field(default="linear", metadata={"help": "linear or mlp."})
     use_layer_fusion: bool = field(default=True, metadata={"help": "False gives MindMerger."})
@@ -194,7 +197,10 @@ def quantization_config(method: str | None, dtype: torch.dtype):
 
 
 # Flags that decide the architecture: `--init_from` keeps its checkpoint's, so one that asks for another is refused.
-ARCHITECTURE_FLAGS = ("fused_encoder_layers", "adapted_llm_layers", "fusion_structure", "use_layer_fusion", "use_input_mapping")
+ARCHITECTURE_FLAGS = (
+    "fused_encoder_layers", "mapped_encoder_layer", "adapted_llm_layers", "fusion_structure", "use_layer_fusion",
+    "use_input_mapping",
+)  # fmt: skip
 
 
 def apply_flags_to_checkpoint(model: LayAlignForCausalLM, model_args: ModelArguments) -> None:
@@ -247,7 +253,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[L
         name: getattr(model_args, name)
         for name in ("fusion_structure", "use_layer_fusion", "use_input_mapping", "train_llm", "encoder_dropout_in_training")
     }
-    for name in ("fused_encoder_layers", "adapted_llm_layers"):
+    for name in ("fused_encoder_layers", "mapped_encoder_layer", "adapted_llm_layers"):
         if getattr(model_args, name) is not None:
             config_fields[name] = getattr(model_args, name)
     model = LayAlignForCausalLM.from_base_models(

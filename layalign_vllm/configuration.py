@@ -40,7 +40,7 @@ class LayAlignVllmConfig(PretrainedConfig):
     Args:
         encoder_config (`dict` or `PretrainedConfig`, *optional*): the encoder's config; defaults to a default mT5.
         text_config (`dict` or `PretrainedConfig`, *optional*): the LLM's config; defaults to a default Llama.
-        kwargs: the other `LayAlignConfig` fields (`fused_encoder_layers`, `adapted_llm_layers`,
+        kwargs: the other `LayAlignConfig` fields (`fused_encoder_layers`, `mapped_encoder_layer`, `adapted_llm_layers`,
             `fusion_structure`, `use_input_mapping`, `use_layer_fusion`, `checkpoint_format`, ...), with the same
             defaults.
     """
@@ -59,6 +59,7 @@ class LayAlignVllmConfig(PretrainedConfig):
         self.fused_encoder_layers = sorted(
             kwargs.pop("fused_encoder_layers", None) or range(self.encoder_config.num_hidden_layers)
         )
+        self.mapped_encoder_layer = kwargs.pop("mapped_encoder_layer", None)
         self.adapted_llm_layers = sorted(
             kwargs.pop("adapted_llm_layers", None) or range(self.text_config.num_hidden_layers)
         )

@@ -185,7 +185,7 @@ class LayAlignForConditionalGeneration(nn.Module, SupportsMultiModal):
             source_ids: one `(encoder_len,)` tensor of encoder token ids per request.
 
         Returns:
-            one `(encoder_len, d_llm * (use_input_mapping + 2M))` tensor per request: the mapped final states, then
+            one `(encoder_len, d_llm * (use_input_mapping + 2M))` tensor per request: the mapped states, then
             the fusion's `2M` sources flattened (source `2m` feeds the keys of adapted layer `m`, `2m + 1` its values).
         """
         lengths = [ids.numel() for ids in source_ids]
@@ -197,7 +197,9 @@ class LayAlignForConditionalGeneration(nn.Module, SupportsMultiModal):
         encoded = self.encoder(input_ids=batch, attention_mask=mask.long(), output_hidden_states=True)
         parts = []
         if self.input_mapping is not None:
-            parts.append(self.input_mapping(encoded.last_hidden_state))
+            # `None`: the final output, as `LayAlignForCausalLM.mapped_encoder_states` reads it.
+            layer = self.config.mapped_encoder_layer
+            parts.append(self.input_mapping(encoded.last_hidden_state if layer is None else encoded.hidden_states[layer]))
         if self.fusion is not None:
             layers = torch.stack([encoded.hidden_states[index] for index in self.config.fused_encoder_layers], -1)
             parts.append(self.fusion(layers).flatten(2))

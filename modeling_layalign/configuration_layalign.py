@@ -45,6 +45,13 @@ class LayAlignConfig(PretrainedConfig):
             Indices into the encoder's hidden states (0 is the embedding output, `N` the final output of an `N`-layer
             encoder) that the layer-wise fusion mixes. Defaults to `0..N-1`, every state except the final output, as
             in the paper; the final output feeds the input mapping.
+        mapped_encoder_layer (`int`, *optional*):
+            Index into the encoder's hidden states (as `fused_encoder_layers` counts them) that the input mapping
+            reads. Defaults to the encoder's final output, as in the paper (and MindMerger), whose mT5 encoder keeps
+            its tokens apart there. Not in the paper: an encoder trained for pooled sentence embeddings, such as
+            multilingual-e5, spends its last layer on one shared direction (65% of its states' energy, against 26%
+            at layer 8 of 12, `docs/learning.md`), and its input mapping carries a source's content to the LLM better
+            from a middle layer.
         adapted_llm_layers (`list[int]`, *optional*):
             Indices of the LLM layers that get the gated fusion-enhanced attention. Defaults to all of them.
         fusion_structure (`str`, *optional*, defaults to `"linear"`):
@@ -90,6 +97,7 @@ class LayAlignConfig(PretrainedConfig):
     encoder_name_or_path: str | None = None
     llm_name_or_path: str | None = None
     fused_encoder_layers: list[int] | None = None
+    mapped_encoder_layer: int | None = None
     adapted_llm_layers: list[int] | None = None
     fusion_structure: FusionStructure = "linear"
     use_input_mapping: bool = True
@@ -123,6 +131,9 @@ class LayAlignConfig(PretrainedConfig):
         self.adapted_llm_layers = _checked_layer_list(
             "adapted_llm_layers", self.adapted_llm_layers, self.text_config.num_hidden_layers
         )
+        layer, num_states = self.mapped_encoder_layer, self.encoder_config.num_hidden_layers + 1
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_states):
+            raise ValueError(f"`mapped_encoder_layer` must be None or a layer index in 0..{num_states - 1}, got {layer!r}.")
         if self.fusion_structure not in FUSION_STRUCTURES:
             raise ValueError(f"`fusion_structure` must be one of {FUSION_STRUCTURES}, got {self.fusion_structure!r}.")
         if self.modified_bases is not None:

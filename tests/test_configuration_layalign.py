@@ -14,6 +14,7 @@ def test_defaults_follow_the_paper():
     config = tiny_config()
     # Every encoder hidden state except the final output (index 0 is the embedding output).
     assert config.fused_encoder_layers == [0, 1]
+    assert config.mapped_encoder_layer is None  # the encoder's final output feeds the input mapping
     assert config.adapted_llm_layers == [0, 1]
     assert config.fusion_structure == "linear"
     assert config.use_input_mapping and config.use_layer_fusion
@@ -39,6 +40,7 @@ def test_round_trip_through_json_keeps_sub_config_classes_and_fields(tmp_path):
         "qwen3",
         "xlm-roberta",
         fused_encoder_layers=[2, 0],
+        mapped_encoder_layer=1,
         adapted_llm_layers=[1],
         fusion_structure="mlp",
         use_input_mapping=False,
@@ -54,6 +56,7 @@ def test_round_trip_through_json_keeps_sub_config_classes_and_fields(tmp_path):
     assert isinstance(reloaded.encoder_config, XLMRobertaConfig)
     assert isinstance(reloaded.text_config, Qwen3Config)
     assert reloaded.fused_encoder_layers == [0, 2]
+    assert reloaded.mapped_encoder_layer == 1
     assert reloaded.adapted_llm_layers == [1]
     assert reloaded.fusion_structure == "mlp"
     assert reloaded.use_input_mapping is False
@@ -68,6 +71,8 @@ def test_round_trip_through_json_keeps_sub_config_classes_and_fields(tmp_path):
         ("fused_encoder_layers", [], r"`fused_encoder_layers` must name at least one layer"),
         ("fused_encoder_layers", [0, 0], r"`fused_encoder_layers` names a layer twice"),
         ("fused_encoder_layers", "0,1", r"`fused_encoder_layers` must be a list of layer indices"),
+        ("mapped_encoder_layer", 3, r"`mapped_encoder_layer` must be None or a layer index in 0\.\.2, got 3"),
+        ("mapped_encoder_layer", "1", r"`mapped_encoder_layer` must be None or a layer index in 0\.\.2, got '1'"),
         ("adapted_llm_layers", [-1], r"`adapted_llm_layers` holds -1, outside the valid range 0\.\.1"),
         ("adapted_llm_layers", [2], r"`adapted_llm_layers` holds 2"),
         ("adapted_llm_layers", [0.5], r"`adapted_llm_layers` must hold ints"),

@@ -31,6 +31,7 @@ def test_card_carries_metadata_and_results(tiny_layalign_folder, tiny_base_folde
     assert front_matter["license"] == "apache-2.0"
     assert "| LLM alone |" in card and "### MGSM (2 problems per language)" in card
     assert 'from_pretrained("me/tiny", trust_remote_code=True)' in card
+    assert "| input mapping reads | the final output |" in card
     assert "$" not in card.split("```")[0].replace("$12", "")  # every template field was filled
 
 

@@ -571,6 +571,25 @@ def test_the_configured_encoder_layers_are_the_ones_fused(generator):
     torch.testing.assert_close(fused_inputs[0], torch.stack([states[0], states[2]], dim=-1), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("encoder", ["mt5", "xlm-roberta"])
+@pytest.mark.parametrize("mapped_encoder_layer", [None, 1])
+def test_the_input_mapping_reads_the_configured_encoder_layer(encoder, mapped_encoder_layer, generator):
+    model = tiny_model(encoder=encoder, mapped_encoder_layer=mapped_encoder_layer)
+    inputs, _, _ = make_batch(model, generator)
+    mapped_inputs = []
+    handle = model.input_mapping.register_forward_pre_hook(lambda module, args: mapped_inputs.append(args[0]))
+    with torch.no_grad():
+        model(**inputs)
+        encoded = model.encoder(
+            input_ids=inputs["encoder_input_ids"], attention_mask=inputs["encoder_attention_mask"], output_hidden_states=True
+        )
+    handle.remove()
+    # The final output by default (the paper's choice), else that hidden state (0 is the embedding output).
+    expected = encoded.last_hidden_state if mapped_encoder_layer is None else encoded.hidden_states[mapped_encoder_layer]
+    torch.testing.assert_close(mapped_inputs[0], expected, rtol=0, atol=0)
+    assert not torch.equal(encoded.hidden_states[1], encoded.last_hidden_state)
+
+
 def attention_outputs(model, inputs, gates: list[float]) -> list[torch.Tensor]:
     """Each LLM layer's attention output (before the residual) with the gates set to `gates`."""
     seen = []

@@ -402,7 +402,9 @@ def test_a_bad_train_file_is_named_with_its_line(tiny_base_folders, tmp_path, co
 
 
 def test_a_stage_started_from_a_checkpoint_trains_the_llm_on_request_and_keeps_its_architecture(tiny_base_folders, tmp_path):
-    train_layalign.main(arguments(tiny_base_folders, tmp_path / "stage1", "--stage", "1", "--max_steps", "1"))
+    train_layalign.main(
+        arguments(tiny_base_folders, tmp_path / "stage1", "--stage", "1", "--max_steps", "1", "--mapped_encoder_layer", "1")
+    )
     recorder = TrainableNames()
     train_layalign.main(
         arguments(tiny_base_folders, tmp_path / "stage2", "--stage", "2", "--init_from", str(tmp_path / "stage1"),
@@ -412,6 +414,12 @@ def test_a_stage_started_from_a_checkpoint_trains_the_llm_on_request_and_keeps_i
     assert any(name.startswith("llm.") for name in recorder.names)  # ignored before: the LLM stayed frozen
     reloaded = LayAlignForCausalLM.from_pretrained(tmp_path / "stage2")
     assert reloaded.config.train_llm and "llm" in reloaded.config.modified_bases
+    assert reloaded.config.mapped_encoder_layer == 1  # stage 1's architecture
+    with pytest.raises(SystemExit, match=r"`--mapped_encoder_layer 2` asks for another architecture .* \(mapped_encoder_layer = 1\)"):
+        train_layalign.main(
+            arguments(tiny_base_folders, tmp_path / "other", "--stage", "2", "--init_from", str(tmp_path / "stage1"),
+                      "--mapped_encoder_layer", "2"),
+        )  # fmt: skip
     with pytest.raises(SystemExit, match=r"`--use_layer_fusion False` asks for another architecture than .* \(use_layer_fusion = True\)"):
         train_layalign.main(
             arguments(tiny_base_folders, tmp_path / "other", "--stage", "2", "--init_from", str(tmp_path / "stage1"),

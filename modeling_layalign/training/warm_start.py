@@ -29,8 +29,9 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class _EncodedText:
-    """One text through the encoder: `states` `(len, d_enc)` final states, `aligned` `(len, d_enc)` states of the
-    alignment layer, `embeddings` `(len, d_llm)` LLM targets (English only), on its content tokens only."""
+    """One text through the encoder: `states` `(len, d_enc)` the states the input mapping reads, `aligned`
+    `(len, d_enc)` states of the alignment layer, `embeddings` `(len, d_llm)` LLM targets (English only), on its
+    content tokens only."""
 
     states: torch.Tensor
     aligned: torch.Tensor
@@ -56,6 +57,7 @@ def _encode(model, processor, texts: list[str], alignment_layer: int, english: b
         offsets = encoded.pop("offset_mapping").tolist()
         mask = encoded["attention_mask"].tolist()
         outputs = model.encoder(**encoded.to(model.device), output_hidden_states=True)
+        mapped = model.mapped_encoder_states(outputs)
         for row, text in enumerate(chunk):
             llm_tokens = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False) if english else None
             positions, targets = [], []
@@ -75,7 +77,7 @@ def _encode(model, processor, texts: list[str], alignment_layer: int, english: b
                     positions.append(position)
                     targets.append(embeddings[ids].float().mean(dim=0))
             yield _EncodedText(
-                states=outputs.last_hidden_state[row, positions].float(),
+                states=mapped[row, positions].float(),
                 aligned=outputs.hidden_states[alignment_layer][row, positions].float(),
                 embeddings=torch.stack(targets) if targets else None,
             )

@@ -185,11 +185,12 @@ def checkpoints(tmp_path_factory) -> dict:
     """Eight checkpoints, their requests and `generate`'s greedy tokens: `layalign` (Llama, mT5 encoder, "mlp"
     fusion, adapted LLM layers 0 and 2, with processor), `mindmerger` (Llama, XLM-R encoder, no layer fusion,
     LayAlign-only: its bases saved in `bases-saved/`, then moved to `bases/` and given through `hf_overrides`),
-    `qwen2` (Qwen2, XLM-R encoder, every layer adapted), `qwen3` (Qwen3, a Llama as decoder-only encoder, layers 1
-    and 2 adapted), `mistral` (Mistral with a sliding window of 8, NLLB encoder, every layer adapted;
-    LayAlign-only, its encoder base a whole M2M100 model, as NLLB's are published), `gemma2` (mT5 encoder, layers
-    0 (sliding window) and 1 (full) adapted), `gemma3` (XLM-R encoder, every layer adapted) and `converted` (Llama,
-    mT5, layer 1 adapted: written in the reference code's layout and converted, LayAlign-only)."""
+    `qwen2` (Qwen2, XLM-R encoder, every layer adapted, the input mapping reading the encoder's first layer),
+    `qwen3` (Qwen3, a Llama as decoder-only encoder, layers 1 and 2 adapted), `mistral` (Mistral with a sliding
+    window of 8, NLLB encoder, every layer adapted; LayAlign-only, its encoder base a whole M2M100 model, as NLLB's
+    are published), `gemma2` (mT5 encoder, layers 0 (sliding window) and 1 (full) adapted), `gemma3` (XLM-R
+    encoder, every layer adapted) and `converted` (Llama, mT5, layer 1 adapted: written in the reference code's
+    layout and converted, LayAlign-only)."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("vllm")
     generator = torch.Generator().manual_seed(7)
@@ -200,7 +201,7 @@ def checkpoints(tmp_path_factory) -> dict:
         for name, llm, encoder_config, kwargs in (
             ("layalign", "llama", MT5Config(**MT5), dict(fusion_structure="mlp", adapted_llm_layers=[0, 2])),
             ("mindmerger", "llama", XLMRobertaConfig(**XLMR), dict(use_layer_fusion=False, bases=saved_bases)),
-            ("qwen2", "qwen2", XLMRobertaConfig(**XLMR), {}),
+            ("qwen2", "qwen2", XLMRobertaConfig(**XLMR), dict(mapped_encoder_layer=1)),
             ("qwen3", "qwen3", LlamaConfig(**DECODER_ONLY_ENCODER), dict(adapted_llm_layers=[1, 2])),
             ("mistral", "mistral", M2M100Config(**NLLB), dict(bases=root / "nllb-bases")),
             ("gemma2", "gemma2", MT5Config(**MT5), dict(adapted_llm_layers=[0, 1])),

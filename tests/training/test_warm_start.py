@@ -15,8 +15,10 @@ def model_and_processor(tiny_layalign_folder):
     return AutoModelForCausalLM.from_pretrained(tiny_layalign_folder), AutoProcessor.from_pretrained(tiny_layalign_folder)
 
 
-def test_pairs_match_each_encoder_token_with_the_llm_tokens_over_the_same_characters(model_and_processor):
+@pytest.mark.parametrize("mapped_encoder_layer", [None, 1])
+def test_pairs_match_each_encoder_token_with_the_llm_tokens_over_the_same_characters(model_and_processor, mapped_encoder_layer):
     model, processor = model_and_processor
+    model.config.mapped_encoder_layer = mapped_encoder_layer  # the states are those the input mapping reads
     sentence = "Weng earns $12 an hour"
     states, targets = aligned_token_pairs(model, processor, [sentence])
     encoded = processor.encoder_tokenizer(sentence, return_offsets_mapping=True)
@@ -28,7 +30,8 @@ def test_pairs_match_each_encoder_token_with_the_llm_tokens_over_the_same_charac
     overlapping = [t for t, (b, e) in zip(llm["input_ids"], llm["offset_mapping"]) if b < end and e > begin]
     torch.testing.assert_close(targets[0], embeddings[overlapping].mean(dim=0))
     with torch.no_grad():
-        hidden = model.encoder(**processor.encoder_tokenizer([sentence], return_tensors="pt")).last_hidden_state
+        output = model.encoder(**processor.encoder_tokenizer([sentence], return_tensors="pt"), output_hidden_states=True)
+    hidden = output.last_hidden_state if mapped_encoder_layer is None else output.hidden_states[mapped_encoder_layer]
     first_content = next(i for i, (b, e) in enumerate(encoded["offset_mapping"]) if e > b)
     torch.testing.assert_close(states[0], hidden[0, first_content])
 
