@@ -555,20 +555,27 @@ def test_without_input_mapping_the_llm_reads_bos_and_text_and_the_fused_branch_a
     assert (fused[real] - alone[real]).abs().max() > 1e-3  # the source reaches the LLM through the fused branch
 
 
+def input_and_encoder_output(model, module, inputs) -> tuple[torch.Tensor, object]:
+    """What `module` receives in a forward pass of `model` on `inputs`, and the encoder's output with every hidden state."""
+    received = []
+    handle = module.register_forward_pre_hook(lambda module, args: received.append(args[0]))
+    with torch.no_grad():
+        model(**inputs)
+        encoded = model.encoder(
+            input_ids=inputs["encoder_input_ids"], attention_mask=inputs["encoder_attention_mask"], output_hidden_states=True
+        )
+    handle.remove()
+    return received[0], encoded
+
+
 def test_the_configured_encoder_layers_are_the_ones_fused(generator):
     model = tiny_model(adapted_llm_layers=[1], fused_encoder_layers=[0, 2])
     assert model.fusion.layer_mix.in_features == 2 and model.fusion.layer_mix.out_features == 2
     inputs, _, _ = make_batch(model, generator)
-    fused_inputs = []
-    handle = model.fusion.register_forward_pre_hook(lambda module, args: fused_inputs.append(args[0]))
-    with torch.no_grad():
-        model(**inputs)
-        states = model.encoder(
-            input_ids=inputs["encoder_input_ids"], attention_mask=inputs["encoder_attention_mask"], output_hidden_states=True
-        ).hidden_states
-    handle.remove()
+    fused_input, encoded = input_and_encoder_output(model, model.fusion, inputs)
+    states = encoded.hidden_states
     # (batch, encoder_len, d_enc, layers): the embedding output and the output of the second (last) encoder layer.
-    torch.testing.assert_close(fused_inputs[0], torch.stack([states[0], states[2]], dim=-1), rtol=0, atol=0)
+    torch.testing.assert_close(fused_input, torch.stack([states[0], states[2]], dim=-1), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("encoder", ["mt5", "xlm-roberta"])
@@ -576,17 +583,10 @@ def test_the_configured_encoder_layers_are_the_ones_fused(generator):
 def test_the_input_mapping_reads_the_configured_encoder_layer(encoder, mapped_encoder_layer, generator):
     model = tiny_model(encoder=encoder, mapped_encoder_layer=mapped_encoder_layer)
     inputs, _, _ = make_batch(model, generator)
-    mapped_inputs = []
-    handle = model.input_mapping.register_forward_pre_hook(lambda module, args: mapped_inputs.append(args[0]))
-    with torch.no_grad():
-        model(**inputs)
-        encoded = model.encoder(
-            input_ids=inputs["encoder_input_ids"], attention_mask=inputs["encoder_attention_mask"], output_hidden_states=True
-        )
-    handle.remove()
+    mapped_input, encoded = input_and_encoder_output(model, model.input_mapping, inputs)
     # The final output by default (the paper's choice), else that hidden state (0 is the embedding output).
     expected = encoded.last_hidden_state if mapped_encoder_layer is None else encoded.hidden_states[mapped_encoder_layer]
-    torch.testing.assert_close(mapped_inputs[0], expected, rtol=0, atol=0)
+    torch.testing.assert_close(mapped_input, expected, rtol=0, atol=0)
     assert not torch.equal(encoded.hidden_states[1], encoded.last_hidden_state)
 
 
