@@ -3,7 +3,7 @@
 vLLM serves the model as an encoder-decoder one, as it serves Whisper (see `processing.py` for the request layout):
 
 - `embed_multimodal` runs the frozen encoder once per request and computes what the LLM reads from it: the mapped
-  final states (input alignment, paper Sec. 3.1) and the `2M` fused sources of the `M` adapted layers (layer-wise
+  states (input alignment, paper Sec. 3.1) and the `2M` fused sources of the `M` adapted layers (layer-wise
   fusion, Sec. 3.2), as `modeling_layalign.LayAlignForCausalLM.encode` does;
 - on a request's first step, `forward` writes the mapped states and the boundary over the placeholders of its
   prefix `[BOS, mapped encoder tokens, boundary]`, and every adapted layer projects its two sources with its own
@@ -197,7 +197,7 @@ class LayAlignForConditionalGeneration(nn.Module, SupportsMultiModal):
         encoded = self.encoder(input_ids=batch, attention_mask=mask.long(), output_hidden_states=True)
         parts = []
         if self.input_mapping is not None:
-            # `None`: the final output, as `LayAlignForCausalLM.mapped_encoder_states` reads it.
+            # `None`: the final output, as `modeling_layalign.encoders_layalign.mapped_encoder_states` reads it.
             layer = self.config.mapped_encoder_layer
             parts.append(self.input_mapping(encoded.last_hidden_state if layer is None else encoded.hidden_states[layer]))
         if self.fusion is not None:

@@ -44,7 +44,7 @@ class LayAlignConfig(PretrainedConfig):
         fused_encoder_layers (`list[int]`, *optional*):
             Indices into the encoder's hidden states (0 is the embedding output, `N` the final output of an `N`-layer
             encoder) that the layer-wise fusion mixes. Defaults to `0..N-1`, every state except the final output, as
-            in the paper; the final output feeds the input mapping.
+            in the paper; the final output feeds the input mapping (see `mapped_encoder_layer`).
         mapped_encoder_layer (`int`, *optional*):
             Index into the encoder's hidden states (as `fused_encoder_layers` counts them) that the input mapping
             reads. Defaults to the encoder's final output, as in the paper (and MindMerger), whose mT5 encoder keeps
@@ -58,7 +58,7 @@ class LayAlignConfig(PretrainedConfig):
             `"linear"`: layer-axis `Linear(N_enc, 2M)`, ReLU, shared `Linear(d_enc, d_llm)`. `"mlp"` adds a ReLU and a
             `Linear(d_llm, d_llm)` after that.
         use_input_mapping (`bool`, *optional*, defaults to `True`):
-            Put the mapped final encoder states and the learned boundary vector in front of the LLM input. Off: the
+            Put the mapped encoder states and the learned boundary vector in front of the LLM input. Off: the
             LLM input is `[BOS, text]` and the encoder reaches the LLM through the fused attention alone.
         use_layer_fusion (`bool`, *optional*, defaults to `True`):
             Give the adapted LLM layers the gated fusion-enhanced attention. Off: the model is exactly MindMerger.

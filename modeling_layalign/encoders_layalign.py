@@ -9,7 +9,9 @@ encoders.
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from transformers import AutoModel, AutoModelForTextEncoding, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.m2m_100.modeling_m2m_100 import M2M100Encoder, M2M100Model
 
 from .attention_layalign import LLM_FAMILIES
@@ -109,6 +111,14 @@ ENCODER_FAMILIES: dict[str, EncoderFamily] = {
     **{model_type: _DECODER_ONLY for model_type in LLM_FAMILIES},
 }
 
+
+
+def mapped_encoder_states(encoded: BaseModelOutput, config: PretrainedConfig) -> torch.Tensor:
+    """`(batch, encoder_len, d_enc)`: the encoder states the input mapping reads, those of the LayAlign config's
+    `mapped_encoder_layer` in `encoded.hidden_states`, or the encoder's final output where that is `None` (the
+    paper's choice)."""
+    layer = config.mapped_encoder_layer
+    return encoded.last_hidden_state if layer is None else encoded.hidden_states[layer]
 
 
 def encoder_family(config) -> EncoderFamily:

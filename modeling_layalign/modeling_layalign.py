@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import EncoderDecoderCache
-from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
@@ -23,7 +23,7 @@ from .cache_layalign import cache_for_pass
 from .checkpoint_layalign import LayAlignCheckpointMixin
 from .configuration_layalign import LayAlignConfig
 from .generation_layalign import LayAlignGenerationMixin
-from .encoders_layalign import encoder_family
+from .encoders_layalign import encoder_family, mapped_encoder_states
 from .inputs_layalign import (
     all_ones_encoder_mask,
     check_encoder_inputs,
@@ -218,7 +218,7 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
         mapped_embeds = fused_states = None
         if self.input_mapping is not None:
             dtype = next(self.input_mapping.parameters()).dtype
-            mapped_embeds = self.input_mapping(self.mapped_encoder_states(encoded).to(dtype))
+            mapped_embeds = self.input_mapping(mapped_encoder_states(encoded, self.config).to(dtype))
         if self.fusion is not None:
             dtype = next(self.fusion.parameters()).dtype
             layers = torch.stack([encoded.hidden_states[i] for i in self.config.fused_encoder_layers], dim=-1)
@@ -226,12 +226,6 @@ class LayAlignForCausalLM(LayAlignCheckpointMixin, LayAlignGenerationMixin, LayA
         return LayAlignEncoderOutput(
             mapped_embeds=mapped_embeds, fused_states=fused_states, attention_mask=encoder_attention_mask
         )
-
-    def mapped_encoder_states(self, encoded: BaseModelOutput) -> torch.Tensor:
-        """`(batch, encoder_len, d_enc)`: the encoder states the input mapping reads, those of `mapped_encoder_layer`
-        in `encoded.hidden_states`, or the encoder's final output where that is `None` (the paper's choice)."""
-        layer = self.config.mapped_encoder_layer
-        return encoded.last_hidden_state if layer is None else encoded.hidden_states[layer]
 
     # -- LLM side -------------------------------------------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ from transformers.utils import ModelOutput
 
 
 class LayAlignInputMapping(nn.Module):
-    """Maps the encoder's final states into the LLM's embedding space (MindMerger's input alignment).
+    """Maps the encoder's states (its final output, or `mapped_encoder_layer`) into the LLM's embedding space
+    (MindMerger's input alignment).
 
     `Linear(d_enc, 2 d_enc) -> ReLU -> Linear(2 d_enc, d_llm)` (paper Sec. 3.1; reference code: `MLP` in
     `LayAlign.py`, there `mapping.mlp.linear1` / `linear2`).
@@ -124,7 +125,7 @@ class LayAlignEncoderOutput(ModelOutput):
     """What [`LayAlignForCausalLM.encode`] computes once per batch of source texts.
 
     Attributes:
-        mapped_embeds: `(batch, encoder_len, d_llm)`, the final encoder states in the LLM's embedding space, or
+        mapped_embeds: `(batch, encoder_len, d_llm)`, the mapped encoder states in the LLM's embedding space, or
             `None` without input mapping.
         fused_states: `(batch, encoder_len, 2 * num_adapted_layers, d_llm)`, the fusion's output: source `2m` feeds
             the keys of adapted layer `m`, source `2m + 1` its values (each layer projects them with its own frozen

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
+from ..encoders_layalign import mapped_encoder_states
+
 
 logger = logging.get_logger(__name__)
 
@@ -57,7 +59,7 @@ def _encode(model, processor, texts: list[str], alignment_layer: int, english: b
         offsets = encoded.pop("offset_mapping").tolist()
         mask = encoded["attention_mask"].tolist()
         outputs = model.encoder(**encoded.to(model.device), output_hidden_states=True)
-        mapped = model.mapped_encoder_states(outputs)
+        mapped = mapped_encoder_states(outputs, model.config)
         for row, text in enumerate(chunk):
             llm_tokens = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False) if english else None
             positions, targets = [], []
