@@ -319,7 +319,7 @@ def train_kept_lora(model: LayAlignForCausalLM, adapter: Path):
     config.inference_mode = False
     config.modules_to_save = list(model.layalign_module_names)
     own_copies = {
-        f"base_model.model.{name}.{key}": value
+        peft_copy_prefix(name) + key: value
         for name in model.layalign_module_names
         if (module := getattr(model, name)) is not None
         for key, value in module.state_dict().items()
@@ -327,6 +327,11 @@ def train_kept_lora(model: LayAlignForCausalLM, adapter: Path):
     model = get_peft_model(model, config)
     set_peft_model_state_dict(model, {**own_copies, **load_file(adapter / SAFETENSORS_WEIGHTS_NAME)})
     return model
+
+
+def peft_copy_prefix(name: str) -> str:
+    """The key prefix of peft's copy (`modules_to_save`) of the LayAlign module `name` in an adapter's weights file."""
+    return f"base_model.model.{name}."
 
 
 def lora_base(
@@ -477,7 +482,7 @@ def lora_alone(model) -> tuple[dict[str, torch.Tensor], "PeftConfig"]:
 
     config = copy.copy(model.peft_config[model.active_adapter])
     config.modules_to_save = None
-    copies = tuple(f"base_model.model.{name}." for name in model.get_base_model().layalign_module_names)
+    copies = tuple(peft_copy_prefix(name) for name in model.get_base_model().layalign_module_names)
     weights = {key: value for key, value in get_peft_model_state_dict(model).items() if not key.startswith(copies)}
     return weights, config
 
