@@ -213,7 +213,7 @@ def main() -> None:
         rows = stage_one_table(systems, processor, args.eval_languages, scaled(16), scaled(4))
         statistics = {name: mapping_statistics(model, processor) for name, model in systems.items()}
     print(f"\nSystems: 'trained now' is the stage 1 this run trained ({scaled(STAGE_ONE_STEPS)} steps of 8, {output / 'stage1'});")
-    print(f"'shipped' is {SHIPPED_STAGE_ONE.relative_to(REPOSITORY)}, a longer run of the same recipe (see its README).")
+    print(f"'shipped' is {SHIPPED_STAGE_ONE.relative_to(REPOSITORY)}, three longer passes of the same recipe (see its README).")
     loss_columns = ["LLM alone loss"] + [f"{name} {kind}" for name in systems for kind in ("loss", "shuffled_loss", "gap")]
     chrf_columns = [f"{name} chrf" for name in systems]
     print_table(

@@ -19,7 +19,7 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 from modeling_layalign import LayAlignForCausalLM
 from modeling_layalign.conversion.convert import convert_reference_checkpoint
 
-from .conftest import ENCODER_VOCAB, LLM_VOCAB, with_trained_layalign_weights
+from .conftest import ENCODER_VOCAB, LLM_VOCAB, assert_same_logits, with_trained_layalign_weights
 from .conversion.test_convert import reference_state_dict
 from .test_modeling_layalign_checkpoints import logits, sample_inputs
 
@@ -127,7 +127,7 @@ def assert_same_model(reloaded, model) -> None:
     """Same logits and every weight equal, except the untouched copies that peft keeps of the modules it trains
     (`original_module`, never saved: the model it loads into has its own)."""
     inputs = sample_inputs()
-    assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
+    assert_same_logits(logits(reloaded, inputs), logits(model, inputs))
     expected, actual = weights(model), weights(reloaded)
     assert actual.keys() == expected.keys()
     compared = [key for key in expected if ".original_module." not in key]

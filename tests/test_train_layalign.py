@@ -15,6 +15,8 @@ from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, Tra
 from modeling_layalign import LayAlignForCausalLM
 from modeling_layalign.training.data import LayAlignDataCollator
 
+from .conftest import assert_same_logits
+
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY / "examples"))
@@ -196,7 +198,7 @@ def test_a_lora_kept_as_an_adapter_over_a_full_precision_llm_reloads_and_goes_on
     reloaded = LayAlignForCausalLM.from_pretrained(tmp_path / "stage1")
     assert reloaded.config.checkpoint_format == "layalign_only" and not reloaded.config.modified_bases
     with torch.no_grad():
-        assert torch.equal(reloaded(**stage_one.batch).logits, stage_one.logits)
+        assert_same_logits(reloaded(**stage_one.batch).logits, stage_one.logits)
         without_lora = LayAlignForCausalLM.from_pretrained(tmp_path / "stage1", load_lora=False)
         assert not torch.equal(without_lora(**stage_one.batch).logits, stage_one.logits)
     # Merged as the vLLM plugin asks (it serves no kept LoRA): a full checkpoint of the same model.
@@ -218,7 +220,7 @@ def test_a_lora_kept_as_an_adapter_over_a_full_precision_llm_reloads_and_goes_on
     modules = [load_file(tmp_path / stage / "model.safetensors") for stage in ("stage1", "stage2")]
     assert any(not torch.equal(modules[1][key], value) for key, value in modules[0].items())  # and the LayAlign modules
     with torch.no_grad():
-        assert torch.equal(LayAlignForCausalLM.from_pretrained(tmp_path / "stage2")(**stage_two.batch).logits, stage_two.logits)
+        assert_same_logits(LayAlignForCausalLM.from_pretrained(tmp_path / "stage2")(**stage_two.batch).logits, stage_two.logits)
     # Its checkpoints go over the model it started from without stage 1's LoRA (saved in `lora_base/`), not over
     # stage 1, which would attach that LoRA a second time.
     torch.testing.assert_close(peft_loaded_logits(tmp_path / "stage2" / "checkpoint-3", stage_two.batch), stage_two.logits)
@@ -230,7 +232,7 @@ def test_a_lora_kept_as_an_adapter_over_a_full_precision_llm_reloads_and_goes_on
     train_layalign.train_kept_lora(without_lora, tmp_path / "stage1" / "lora").save_pretrained(tmp_path / "older" / "lora")
     assert any(".lora_" not in key for key in load_file(tmp_path / "older" / "lora" / "adapter_model.safetensors"))
     with torch.no_grad():
-        assert torch.equal(LayAlignForCausalLM.from_pretrained(tmp_path / "older")(**stage_one.batch).logits, stage_one.logits)
+        assert_same_logits(LayAlignForCausalLM.from_pretrained(tmp_path / "older")(**stage_one.batch).logits, stage_one.logits)
     train_layalign.main(
         arguments(
             tiny_base_folders, tmp_path / "continued", "--stage", "1", "--init_from", str(tmp_path / "older"),
@@ -238,7 +240,7 @@ def test_a_lora_kept_as_an_adapter_over_a_full_precision_llm_reloads_and_goes_on
         )
     )  # fmt: skip
     with torch.no_grad():
-        assert torch.equal(LayAlignForCausalLM.from_pretrained(tmp_path / "continued")(**stage_one.batch).logits, stage_one.logits)
+        assert_same_logits(LayAlignForCausalLM.from_pretrained(tmp_path / "continued")(**stage_one.batch).logits, stage_one.logits)
 
 
 @pytest.mark.parametrize("method", ["int8", "quanto-int8"])
@@ -251,7 +253,7 @@ def test_both_stages_over_a_quantized_llm_reload_as_trained(method, tiny_base_fo
     reloaded = LayAlignForCausalLM.from_pretrained(tmp_path / "stage1")
     assert reloaded.config.text_config.quantization_config  # recorded, and applied again
     with torch.no_grad():
-        assert torch.equal(reloaded(**stage_one.batch).logits, stage_one.logits)
+        assert_same_logits(reloaded(**stage_one.batch).logits, stage_one.logits)
 
     # Stage 2 with LoRA from it (`--init_from` loads the LLM quantized again): the LoRA stays an adapter.
     stage_two = FinalLogits()
@@ -268,7 +270,7 @@ def test_both_stages_over_a_quantized_llm_reload_as_trained(method, tiny_base_fo
     projection = reloaded.llm.get_decoder().layers[0].self_attn.k_proj  # a LoRA layer over the quantized one
     assert type(projection.base_layer) is type(reloaded_projection(tmp_path / "stage1")) is not torch.nn.Linear
     with torch.no_grad():
-        assert torch.equal(reloaded(**stage_two.batch).logits, stage_two.logits)
+        assert_same_logits(reloaded(**stage_two.batch).logits, stage_two.logits)
         without_lora = LayAlignForCausalLM.from_pretrained(tmp_path / "stage2", load_lora=False)
         assert not torch.equal(without_lora(**stage_two.batch).logits, stage_two.logits)
     with pytest.raises(ValueError, match="carries a LoRA adapter"):
@@ -288,7 +290,7 @@ def test_both_stages_over_a_quantized_llm_reload_as_trained(method, tiny_base_fo
     )  # fmt: skip
     continued = LayAlignForCausalLM.from_pretrained(tmp_path / "again")
     with torch.no_grad():
-        assert torch.equal(continued(**stage_two.batch).logits, stage_two.logits)
+        assert_same_logits(continued(**stage_two.batch).logits, stage_two.logits)
 
 
 def test_a_quantization_method_that_cannot_run_is_named(monkeypatch):

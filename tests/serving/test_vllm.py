@@ -375,7 +375,17 @@ def test_layalign_only_checkpoint_refuses_wrong_bases(offline_results):
     assert errors["right_bases"] is None
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral", "gemma2", "gemma3"])
+# vLLM 0.32's CPU attention returns NaN for a soft-capped cross-attention on x86 CPUs with AVX-512 (seen on an Intel
+# Xeon with AVX-512 and AMX; the same test passes on an AVX2-only AMD EPYC): every greedy token of the Gemma 2
+# checkpoint is 0, and without the fused branch's soft cap the NaN is gone. Strict: it fails once vLLM fixes it.
+SOFT_CAPPED_CROSS_ATTENTION_NAN = pytest.mark.xfail(
+    torch.cpu._is_avx512_supported(), reason="vLLM's CPU cross-attention with a soft cap gives NaN on AVX-512", strict=True
+)
+
+
+@pytest.mark.parametrize(
+    "name", ["qwen2", "qwen3", "mistral", pytest.param("gemma2", marks=SOFT_CAPPED_CROSS_ATTENTION_NAN), "gemma3"]
+)
 def test_greedy_tokens_equal_generate_other_families(name, checkpoints, offline_results):
     """Qwen2 (no BOS; q/k/v biases, so the gate must scale the projected values), Qwen3 (per-head norms of the
     queries and keys, the fused keys normed too; a decoder-only encoder), Mistral (a sliding window shorter than
